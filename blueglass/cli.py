@@ -1,0 +1,169 @@
+"""The ``blueglass`` command line: one command per pipeline stage plus utilities.
+
+Heavy libraries (torch, transformers, mlflow) are imported inside commands so ``blueglass --help``
+answers at once. A user mistake (bad params, missing path, unknown model) prints one line on stderr and
+exits with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="blueglass",
+    help="BlueGlass: benchmark vision / vision-language models, record their activations, probe and patch them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+registry_app = typer.Typer(help="Inspect and curate the MLflow Model Registry.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (paths in it are relative to its folder).")]
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def user_errors(fn):
+    """Turn :class:`BlueGlassError` into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from blueglass.errors import BlueGlassError
+
+        try:
+            return fn(*args, **kwargs)
+        except BlueGlassError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _load(params: Path):
+    from blueglass.config import load_params
+
+    p = load_params(params)
+    return p, params.resolve().parent
+
+
+@app.command()
+@user_errors
+def prepare(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Generate the toy-world dataset (COCO format) for every split in ``dataset.splits``."""
+    p, base = _load(params)
+    from blueglass.stages import prepare as stage
+
+    summary = stage.run(p, base)
+    for name, s in summary.items():
+        typer.echo(f"{name}: {s['images']} images, {s['objects']} objects")
+
+
+@app.command("train-model")
+@user_errors
+def train_model(
+    name: Annotated[str, typer.Argument(help="A key of the models section, e.g. toy-detector.")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Train an embedded model, evaluate it on val, save it to models/NAME and register it in MLflow."""
+    p, base = _load(params)
+    from blueglass.stages import train_model as stage
+
+    s = stage.run(p, base, name)
+    reg = s["registry"]
+    from blueglass.evaluation.runner import headline_metrics
+
+    flat = headline_metrics(s["task"], s["val"])
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in flat.items())
+    typer.echo(f"{name}: val {shown}; registered version {reg['version']} as {reg['alias']}")
+
+
+@app.command()
+@user_errors
+def benchmark(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Evaluate every model × split in ``benchmark.runs``; write metrics/benchmark.json and reports/benchmark.md."""
+    p, base = _load(params)
+    from blueglass.stages import benchmark as stage
+
+    results = stage.run(p, base)
+    typer.echo(stage.table(results))
+
+
+@app.command()
+@user_errors
+def points(
+    model: Annotated[str, typer.Option("--model", "-m", help="A model name (models/NAME) or a model folder.")],
+    filter: Annotated[str, typer.Option("--filter", "-f", help="Glob on module paths: * within a segment, ** across, e.g. 'vit.layers.*'.")] = "**",
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """List a model's hook points: module paths with their output shape for one image."""
+    from blueglass.errors import ModelError
+    from blueglass.models import load_adapter, match_points
+
+    folder = Path(model)
+    if not folder.is_dir():
+        base = params.resolve().parent if params.exists() else Path.cwd()
+        folder = base / "models" / model
+        if not folder.is_dir():
+            raise ModelError(f"{model}: neither a model folder nor a trained model under {base / 'models'}")
+    adapter = load_adapter(folder)
+    pts = match_points(adapter.hook_points(), [filter])
+    if not pts:
+        raise ModelError(f"no hook point matches {filter!r}")
+    width = max(len(pt.name) for pt in pts)
+    for pt in pts:
+        typer.echo(f"{pt.name:<{width}}  {pt.module_type:<28} {tuple(pt.shape)}")
+
+
+@registry_app.command("list")
+@user_errors
+def registry_list(
+    name: Annotated[str | None, typer.Option("--name", help="Only models whose name contains this.")] = None,
+) -> None:
+    """Registered models with their versions, aliases and key metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from blueglass.tracking import list_registry
+
+    rows = list_registry(name)
+    if not rows:
+        typer.echo("the registry is empty")
+        return
+    t = Table("model", "version", "aliases", "headline", "metrics")
+    for r in rows:
+        metrics = ", ".join(f"{k} {v}" for k, v in sorted(r.metrics.items()))
+        t.add_row(r.name, r.version, ",".join(r.aliases), r.headline, metrics)
+    Console(width=200).print(t)
+
+
+@registry_app.command("promote")
+@user_errors
+def registry_promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version number.")],
+    alias: Annotated[str, typer.Option("--alias", help="Alias to set (champion, challenger, …).")] = "champion",
+) -> None:
+    """Set an alias on a registered model version by hand."""
+    from blueglass.tracking import promote
+
+    promote(name, version, alias)
+    typer.echo(f"{name} v{version} is now @{alias}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The schema of ``params.yaml``: strict pydantic models, one section per stage plus shared sections.
+
+Every stage validates the whole file before it does any work, so a typo anywhere is caught at once.
+Errors become one line naming the key, e.g.::
+
+    params.yaml: models.toy-detector.steps: Input should be greater than 0 (got -5)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from blueglass.errors import ConfigError
+
+Slug = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]*$", max_length=64)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- shared sections
+class SplitSpec(Strict):
+    images: int = Field(gt=0, le=1_000_000)
+    min_objects: int = Field(1, ge=1, le=8)
+    max_objects: int = Field(4, ge=1, le=8)
+
+    @model_validator(mode="after")
+    def _order(self) -> SplitSpec:
+        if self.min_objects > self.max_objects:
+            raise ValueError(f"min_objects ({self.min_objects}) exceeds max_objects ({self.max_objects})")
+        return self
+
+
+class DatasetParams(Strict):
+    """The embedded toy world, written to ``<root>/<name>/<split>/``."""
+
+    name: Slug = "toyworld"
+    root: str = "data"
+    seed: int = Field(0, ge=0)
+    image_size: int = Field(64, ge=32, le=256)
+    splits: dict[Slug, SplitSpec]
+
+    @model_validator(mode="after")
+    def _has_train(self) -> DatasetParams:
+        if "train" not in self.splits or "val" not in self.splits:
+            raise ValueError("splits must include 'train' and 'val'")
+        return self
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root) / self.name
+
+
+class TrainParams(Strict):
+    steps: int = Field(gt=0, le=1_000_000)
+    batch_size: int = Field(64, gt=0, le=65_536)
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    weight_decay: float = Field(0.05, ge=0, le=1.0)
+    warmup_steps: int = Field(100, ge=0)
+    seed: int = Field(0, ge=0)
+
+
+class VitParams(Strict):
+    """A small ViT (``transformers.ViTConfig`` / ``CLIPVisionConfig``)."""
+
+    patch_size: int = Field(8, ge=2, le=64)
+    hidden_size: int = Field(128, ge=8, le=4096)
+    layers: int = Field(4, ge=1, le=48)
+    heads: int = Field(4, ge=1, le=64)
+    mlp_dim: int = Field(256, ge=8, le=16384)
+
+    @model_validator(mode="after")
+    def _divisible(self) -> VitParams:
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class DetectorModelParams(Strict):
+    """The embedded detector: ``transformers.ViTModel`` + a per-patch detection head."""
+
+    kind: Literal["toy-detector"]
+    vit: VitParams = VitParams()
+    train: TrainParams
+    score_threshold: float = Field(0.01, ge=0, lt=1)
+    nms_iou: float = Field(0.5, gt=0, le=1)
+    max_detections: int = Field(100, gt=0, le=1000)
+
+
+class TextParams(Strict):
+    hidden_size: int = Field(128, ge=8, le=4096)
+    layers: int = Field(2, ge=1, le=48)
+    heads: int = Field(4, ge=1, le=64)
+    mlp_dim: int = Field(256, ge=8, le=16384)
+
+
+class VlmModelParams(Strict):
+    """The embedded vision-language model: a small ``transformers.CLIPModel`` trained on captions."""
+
+    kind: Literal["toy-vlm"]
+    vision: VitParams = VitParams()
+    text: TextParams = TextParams()
+    projection_dim: int = Field(128, ge=8, le=4096)
+    train: TrainParams
+
+
+ModelParams = Annotated[DetectorModelParams | VlmModelParams, Field(discriminator="kind")]
+MODEL_KINDS = ("toy-detector", "toy-vlm")
+
+
+class RuntimeParams(Strict):
+    threads: int = Field(0, ge=0, le=512, description="torch CPU threads; 0 = min(2, free cores)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class WandbParams(Strict):
+    enabled: bool = False
+    project: str = "blueglass"
+    entity: str | None = None
+
+
+class TrackingParams(Strict):
+    experiment: Slug = "blueglass"
+    wandb: WandbParams = WandbParams()
+
+
+# ---------------------------------------------------------------- stage sections
+class BenchmarkRun(Strict):
+    model: Slug
+    split: Slug
+
+
+class BenchmarkParams(Strict):
+    runs: list[BenchmarkRun] = Field(min_length=1)
+    batch_size: int = Field(64, gt=0, le=4096)
+    # Zero-shot prompt families: name → template; fields are concept names (toy world) or {category}.
+    prompts: dict[Slug, str] = Field(
+        default_factory=lambda: {
+            "color": "a photo of a {color} object",
+            "shape": "a photo of a {shape}",
+            "color_shape": "a photo of a {color} {shape}",
+        }
+    )
+
+
+class Params(Strict):
+    dataset: DatasetParams
+    models: dict[Slug, ModelParams] = Field(min_length=1)
+    runtime: RuntimeParams = RuntimeParams()
+    tracking: TrackingParams = TrackingParams()
+    benchmark: BenchmarkParams
+
+    @model_validator(mode="after")
+    def _references(self) -> Params:
+        for i, run in enumerate(self.benchmark.runs):
+            if run.model not in self.models:
+                raise ValueError(
+                    f"benchmark.runs.{i}.model: unknown model '{run.model}' (models: {', '.join(self.models)})"
+                )
+            if run.split not in self.dataset.splits:
+                raise ValueError(
+                    f"benchmark.runs.{i}.split: unknown split '{run.split}' "
+                    f"(splits: {', '.join(self.dataset.splits)})"
+                )
+        return self
+
+
+# ---------------------------------------------------------------- loading
+def _format_error(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    # A tagged union puts the tag into the location (models.<name>.<kind>.key): drop it.
+    if len(loc) > 2 and loc[0] == "models" and loc[2] in MODEL_KINDS:
+        del loc[2]
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif "input" in err and not isinstance(err["input"], dict | list):
+        msg = f"{msg} (got {err['input']!r})"
+    key = ".".join(loc)
+    return f"{key}: {msg}" if key else msg
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raises :class:`ConfigError` with one line on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = _format_error(errors[0])
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ConfigError(f"{path}: {first}{more}") from None
+
+
+def resolve_threads(requested: int) -> int:
+    """``0`` means min(2, cores not already busy), at least 1."""
+    if requested > 0:
+        return requested
+    cores = os.cpu_count() or 1
+    try:  # a short sample of current use; the load average lags by a minute and misleads here
+        import psutil
+
+        busy = int(psutil.cpu_percent(interval=0.25) / 100.0 * cores + 0.3)
+    except Exception:  # psutil missing or unsupported platform
+        busy = 0
+    return max(1, min(2, cores - busy))

@@ -1,0 +1,147 @@
+"""The one seam between BlueGlass and a model: the :class:`ModelAdapter` protocol.
+
+An adapter loads a model folder, turns images into a model batch, runs the forward pass, turns the
+outputs into task predictions, and lists the model's hook points (module paths with the shape of their
+output for one image). Everything downstream — benchmark, recorder, patcher — talks to models only
+through this protocol and ``adapter.module`` (a plain ``torch.nn.Module``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+Task = Literal["detection", "zero_shot"]
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A module whose output can be recorded or patched."""
+
+    name: str  # module path, e.g. "vit.layers.2"
+    module_type: str  # class name, e.g. "ViTLayer"
+    shape: tuple[int, ...]  # output shape for one image (first tensor of a tuple output)
+
+
+@dataclass
+class Detections:
+    """Predictions for one image, in input-image pixel coordinates."""
+
+    boxes_xyxy: np.ndarray  # [N, 4] float32
+    scores: np.ndarray  # [N] float32
+    labels: np.ndarray  # [N] int64, dataset category ids
+    token_ids: np.ndarray  # [N] int64, the token that produced each detection
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    name: str
+    task: Task
+    folder: Path
+    module: nn.Module
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        """``[H, W, 3]`` uint8 images → model inputs."""
+        ...
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        """Run the model; hooks registered on ``module`` see this pass."""
+        ...
+
+    def postprocess(self, outputs: Any, sizes: Sequence[tuple[int, int]]) -> Any:
+        """Model outputs → task predictions (``list[Detections]`` or ``[B, prompts]`` logits)."""
+        ...
+
+    def hook_points(self) -> list[HookPoint]: ...
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The first tensor in a hook output (a tensor, a tuple/list, or a ``ModelOutput``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, list | tuple):
+        for item in output:
+            t = first_tensor(item)
+            if t is not None:
+                return t
+    return None
+
+
+def trace_hook_points(module: nn.Module, run_forward: Any) -> list[HookPoint]:
+    """Run ``run_forward()`` once with a hook on every named submodule; list those that fired.
+
+    Module paths come from the loaded model itself, never from a hard-coded list, so they stay right
+    across library versions (transformers 5 moved ViT blocks from ``encoder.layer.N`` to ``layers.N``).
+    """
+    seen: dict[str, HookPoint] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(mod: nn.Module, _inp: Any, out: Any) -> None:
+            t = first_tensor(out)
+            if t is not None and name not in seen:
+                seen[name] = HookPoint(name, type(mod).__name__, tuple(t.shape[1:]))
+
+        return hook
+
+    for name, sub in module.named_modules():
+        if name:
+            handles.append(sub.register_forward_hook(make_hook(name)))
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for h in handles:
+            h.remove()
+    order = {name: i for i, (name, _) in enumerate(module.named_modules())}
+    return sorted(seen.values(), key=lambda p: order[p.name])
+
+
+@functools.lru_cache(maxsize=256)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    parts = []
+    for token in re.split(r"(\*\*|\*|\?)", pattern):
+        parts.append({"**": ".*", "*": "[^.]*", "?": "[^.]"}.get(token, re.escape(token)))
+    return re.compile("".join(parts) + r"\Z")
+
+
+def glob_match(name: str, pattern: str) -> bool:
+    """Module-path glob: ``*`` stays within one path segment, ``**`` crosses dots.
+
+    ``vit.layers.*`` matches the blocks ``vit.layers.0`` … but not ``vit.layers.0.mlp``.
+    """
+    return _glob_regex(pattern).match(name) is not None
+
+
+def match_points(points: Sequence[HookPoint], patterns: Sequence[str]) -> list[HookPoint]:
+    """Hook points whose name matches any glob pattern (``vit.layers.*``, ``**.mlp``)."""
+    return [p for p in points if any(glob_match(p.name, pat) for pat in patterns)]
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 over every ``*.safetensors`` file in a model folder (sorted by name)."""
+    h = hashlib.sha256()
+    files = sorted(Path(folder).glob("*.safetensors"))
+    for f in files:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")

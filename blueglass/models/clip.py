@@ -1,0 +1,74 @@
+"""Zero-shot classification with any ``transformers.CLIPModel`` folder (the embedded VLM or a real CLIP).
+
+The folder is what ``save_pretrained`` writes: ``config.json`` + ``model.safetensors``, with the
+tokenizer and image processor saved beside them (as real checkpoints ship them). ``set_prompts`` encodes
+the class prompts once; ``forward`` runs the image tower (the part hooks see) and ``postprocess`` returns
+``[B, prompts]`` logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+from blueglass.errors import ModelError
+from blueglass.models.base import HookPoint, trace_hook_points, weights_sha256
+
+
+def _l2(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+class ClipAdapter:
+    task = "zero_shot"
+
+    def __init__(self, folder: str | Path, device: torch.device | str = "cpu"):
+        self.folder = Path(folder)
+        self.device = torch.device(device)
+        try:
+            self.module: CLIPModel = CLIPModel.from_pretrained(str(self.folder))
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
+            self.processor = AutoImageProcessor.from_pretrained(str(self.folder))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{self.folder}: cannot load a CLIP model folder ({str(exc).splitlines()[0]})") from None
+        self.module.eval().to(self.device)
+        self.name = getattr(self.module.config, "blueglass_name", None) or self.folder.name
+        self.image_size = int(self.module.config.vision_config.image_size)
+        self.prompts: list[str] = []
+        self._text_embeds: torch.Tensor | None = None
+
+    @property
+    def weights_sha256(self) -> str:
+        return weights_sha256(self.folder)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Normalised text embeddings ``[P, D]``."""
+        tok = self.tokenizer(list(prompts), padding=True, return_tensors="pt").to(self.device)
+        out = self.module.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+        return _l2(out.pooler_output)
+
+    def set_prompts(self, prompts: Sequence[str]) -> None:
+        self.prompts = list(prompts)
+        self._text_embeds = self.encode_text(self.prompts)
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        px = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return {"pixel_values": px.to(self.device)}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _l2(self.module.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
+
+    def postprocess(self, outputs: torch.Tensor, sizes: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+        if self._text_embeds is None:
+            raise ModelError("zero-shot model has no prompts: call set_prompts() first")
+        scale = self.module.logit_scale.exp()
+        return (scale * outputs @ self._text_embeds.T).float().cpu()
+
+    def hook_points(self) -> list[HookPoint]:
+        blank = [np.zeros((self.image_size, self.image_size, 3), np.uint8)]
+        return trace_hook_points(self.module, lambda: self.forward(self.preprocess(blank)))

@@ -1,0 +1,82 @@
+"""The pipeline itself: `dvc repro` in a scratch git + DVC repo with the smoke params, as a subprocess."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import REPO, SMOKE_PARAMS
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def scratch_repo(tmp_path, migrated_db):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(SMOKE_PARAMS, repo / "params.yaml")
+    shutil.copytree(REPO / "blueglass", repo / "blueglass", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(migrated_db, repo / "mlflow.db")
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "BLUEGLASS_ROOT", "DVC_STAGE"}}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    _run(["git", "init", "-q"], repo, env)
+    _run(["dvc", "init", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "scratch"], repo, env)
+    return repo, env
+
+
+def test_dvc_repro_end_to_end(scratch_repo):
+    repo, env = scratch_repo
+    first = _run(["dvc", "repro"], repo, env)
+    for stage in ("prepare", "train_model@toy-detector", "train_model@toy-vlm", "benchmark"):
+        assert f"Running stage '{stage}'" in first
+
+    metrics = json.loads((repo / "metrics" / "benchmark.json").read_text())
+    assert 0.0 <= metrics["toy-detector@test"]["AP50"] <= 1.0
+    assert set(metrics["toy-detector@test"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "per_class"}
+    assert 0.0 <= metrics["toy-vlm@test_single"]["accuracy"] <= 1.0
+    assert set(metrics["toy-vlm@test_single"]) >= {"color", "shape", "color_shape"}
+    assert "| toy-detector@test |" in (repo / "reports" / "benchmark.md").read_text()
+    assert (repo / "models" / "toy-detector" / "model.safetensors").is_file()
+    assert (repo / "models" / "toy-vlm" / "tokenizer.json").is_file()
+    assert not (repo / "mlruns").joinpath("0", "meta.yaml").exists()  # never the file store
+
+    # the registry in the project's DB holds both models, tagged with the test metrics by benchmark
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    det = client.get_model_version_by_alias("toy-detector", "champion")
+    vlm = client.get_model_version_by_alias("toy-vlm", "champion")
+    assert "metric.test.AP50" in det.tags and det.tags["dvc.stage"] == "train_model@toy-detector"
+    assert "metric.test_single.accuracy" in vlm.tags
+    runs = client.search_runs(
+        [client.get_experiment_by_name("blueglass-smoke").experiment_id], "tags.`blueglass.stage` = 'benchmark'"
+    )
+    assert len(runs) == 3  # one parent + one nested run per model × split
+    assert {r.data.tags.get("dvc.stage") for r in runs} == {"benchmark"}
+
+    second = _run(["dvc", "repro"], repo, env)
+    assert "Running stage" not in second
+
+    shown = _run(["dvc", "metrics", "show"], repo, env)
+    assert "AP50" in shown and "accuracy" in shown
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["benchmark"]["batch_size"] = 5
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    third = _run(["dvc", "repro"], repo, env)
+    assert "Running stage 'benchmark'" in third
+    assert third.count("Running stage") == 1

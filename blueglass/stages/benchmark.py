@@ -92,7 +92,8 @@ def run(params: Params, base: Path) -> dict[str, dict[str, Any]]:
             tag_versions_by_weights(
                 run_.model, sha, {f"metric.{run_.split}.{k}": f"{v:.6g}" for k, v in flat.items()}
             )
-        parent.log_metrics({key: headline_metrics(m["task"], m) for key, m in results.items()})
+        # MLflow metric names cannot hold "@": model@split becomes model/split there.
+        parent.log_metrics({key.replace("@", "/"): headline_metrics(m["task"], m) for key, m in results.items()})
         md = table(results)
         write_text(base / "reports" / "benchmark.md", md + "\n")
         parent.log_artifact(base / "reports" / "benchmark.md")

@@ -24,7 +24,9 @@ app = typer.Typer(
 registry_app = typer.Typer(help="Inspect and curate the MLflow Model Registry.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (paths in it are relative to its folder).")]
+ParamsOpt = Annotated[
+    Path, typer.Option("--params", "-p", help="Params file (paths in it are relative to its folder).")
+]
 
 
 def _fail(msg: str) -> None:
@@ -102,8 +104,15 @@ def benchmark(params: ParamsOpt = Path("params.yaml")) -> None:
 @app.command()
 @user_errors
 def points(
-    model: Annotated[str, typer.Option("--model", "-m", help="A model name (models/NAME) or a model folder.")],
-    filter: Annotated[str, typer.Option("--filter", "-f", help="Glob on module paths: * within a segment, ** across, e.g. 'vit.layers.*'.")] = "**",
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="A model name (models/NAME) or a model folder.")
+    ],
+    filter: Annotated[
+        str,
+        typer.Option(
+            "--filter", "-f", help="Glob on module paths: * within a segment, ** across, e.g. 'vit.layers.*'."
+        ),
+    ] = "**",
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """List a model's hook points: module paths with their output shape for one image."""
@@ -152,7 +161,9 @@ def registry_list(
 def registry_promote(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     version: Annotated[str, typer.Argument(help="Version number.")],
-    alias: Annotated[str, typer.Option("--alias", help="Alias to set (champion, challenger, …).")] = "champion",
+    alias: Annotated[
+        str, typer.Option("--alias", help="Alias to set (champion, challenger, …).")
+    ] = "champion",
 ) -> None:
     """Set an alias on a registered model version by hand."""
     from blueglass.tracking import promote

@@ -53,7 +53,9 @@ def progress() -> Iterator[Any]:
         yield bar
         if not console.is_terminal:
             for task in bar.tasks:
-                console.print(f"{task.description}: {task.completed:.0f}/{task.total or 0:.0f} {task.fields.get('info', '')}")
+                console.print(
+                    f"{task.description}: {task.completed:.0f}/{task.total or 0:.0f} {task.fields.get('info', '')}"
+                )
 
 
 def write_json(path: Path, data: Any) -> None:

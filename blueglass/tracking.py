@@ -144,7 +144,9 @@ class Run:
         """Nested dicts are flattened with ``/``; ``None`` (undefined) values are skipped."""
         import mlflow
 
-        flat = {k: float(v) for k, v in flatten(metrics, sep="/").items() if isinstance(v, int | float) and v == v}
+        flat = {
+            k: float(v) for k, v in flatten(metrics, sep="/").items() if isinstance(v, int | float) and v == v
+        }
         if flat:
             mlflow.log_metrics(flat, step=step)
         if self._wandb is not None and flat:
@@ -204,7 +206,12 @@ def _start_wandb(cfg: Any, run_name: str, tags: Mapping[str, str]) -> Any:
         raise BlueGlassError(
             "tracking.wandb.enabled is true but wandb is not installed (pip install 'blueglass[wandb]')"
         ) from None
-    return wandb.init(project=cfg.project, entity=cfg.entity, name=run_name, tags=[f"{k}={v}" for k, v in tags.items() if v][:20])
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=run_name,
+        tags=[f"{k}={v}" for k, v in tags.items() if v][:20],
+    )
 
 
 # ---------------------------------------------------------------- registry
@@ -267,7 +274,9 @@ def register_model(
     return version, alias
 
 
-def _choose_alias(client, name: str, version: str, value: float | None, headline: str, higher: bool) -> tuple[str, str]:
+def _choose_alias(
+    client, name: str, version: str, value: float | None, headline: str, higher: bool
+) -> tuple[str, str]:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -335,7 +344,9 @@ def list_registry(name_filter: str | None = None) -> list[VersionRow]:
                     version=str(v.version),
                     aliases=tuple(sorted(by_version.get(str(v.version), []))),
                     headline=v.tags.get("headline_metric", ""),
-                    metrics={k.removeprefix("metric."): val for k, val in v.tags.items() if k.startswith("metric.")},
+                    metrics={
+                        k.removeprefix("metric."): val for k, val in v.tags.items() if k.startswith("metric.")
+                    },
                     created=int(v.creation_timestamp or 0),
                     description=v.description or "",
                 )

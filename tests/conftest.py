@@ -65,7 +65,9 @@ def tiny_detector(tmp_path_factory, toy_root, tiny_params) -> Path:
     ds = CocoDataset.load(toy_root / "train")
     model, _ = train_detector(tiny_params.models["toy-detector"], load_split_arrays(ds))
     folder = tmp_path_factory.mktemp("models") / "toy-detector"
-    save_detector(model, folder, ds.category_names, {"name": "toy-detector", "category_ids": sorted(ds.categories)})
+    save_detector(
+        model, folder, ds.category_names, {"name": "toy-detector", "category_ids": sorted(ds.categories)}
+    )
     return folder
 
 
@@ -76,7 +78,9 @@ def tiny_vlm(tmp_path_factory, toy_root, tiny_params) -> Path:
     from blueglass.training.vlm import save_vlm, train_vlm
 
     ds = CocoDataset.load(toy_root / "train")
-    model, tok, _ = train_vlm(tiny_params.models["toy-vlm"], load_split_arrays(ds), ds.concepts, ds.category_names)
+    model, tok, _ = train_vlm(
+        tiny_params.models["toy-vlm"], load_split_arrays(ds), ds.concepts, ds.category_names
+    )
     folder = tmp_path_factory.mktemp("models") / "toy-vlm"
     save_vlm(model, tok, folder)
     return folder

@@ -6,7 +6,9 @@ from conftest import REPO
 
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "blueglass.cli", *args], capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "blueglass.cli", *args], capture_output=True, text=True, timeout=300, **kw
+    )
 
 
 def test_help_imports_nothing_heavy():

@@ -36,7 +36,9 @@ def test_reads_other_layouts(tmp_path, split):
     (tmp_path / "coco" / "annotations").mkdir(parents=True)
     shutil.copytree(split / "images", tmp_path / "coco" / "val2017")
     shutil.copy(split / "annotations.json", tmp_path / "coco" / "annotations" / "instances_val2017.json")
-    ds = CocoDataset.load(tmp_path / "coco", annotation_file="annotations/instances_val2017.json", image_dir="val2017")
+    ds = CocoDataset.load(
+        tmp_path / "coco", annotation_file="annotations/instances_val2017.json", image_dir="val2017"
+    )
     assert len(ds) == 10 and ds.images[0].path.parent.name == "val2017"
 
 

@@ -3,10 +3,10 @@ import sys
 
 import pytest
 import yaml
+from conftest import REPO
 
 from blueglass.config import load_params
 from blueglass.errors import ConfigError
-from conftest import REPO
 
 
 def _write(tmp_path, mutate):
@@ -25,16 +25,40 @@ def test_default_params_are_valid():
 
 
 BAD = [
-    (lambda r: r["models"]["toy-detector"]["train"].update(stepz=3), "models.toy-detector.train.stepz: unknown key"),
-    (lambda r: r["models"]["toy-detector"]["train"].update(steps=-5), "models.toy-detector.train.steps: Input should be greater than 0 (got -5)"),
-    (lambda r: r["models"]["toy-vlm"]["train"].update(lr="fast"), "models.toy-vlm.train.lr: Input should be a valid number"),
-    (lambda r: r["dataset"]["splits"]["train"].update(min_objects=5, max_objects=2), "dataset.splits.train: min_objects (5) exceeds max_objects (2)"),
-    (lambda r: r["dataset"].update(image_size=8), "dataset.image_size: Input should be greater than or equal to 32 (got 8)"),
-    (lambda r: r["benchmark"]["runs"].append({"model": "nope", "split": "test"}), "benchmark.runs.2.model: unknown model 'nope'"),
-    (lambda r: r["models"]["toy-detector"].update(kind="yolo"), "models.toy-detector: Input tag 'yolo' found using 'kind' does not match"),
+    (
+        lambda r: r["models"]["toy-detector"]["train"].update(stepz=3),
+        "models.toy-detector.train.stepz: unknown key",
+    ),
+    (
+        lambda r: r["models"]["toy-detector"]["train"].update(steps=-5),
+        "models.toy-detector.train.steps: Input should be greater than 0 (got -5)",
+    ),
+    (
+        lambda r: r["models"]["toy-vlm"]["train"].update(lr="fast"),
+        "models.toy-vlm.train.lr: Input should be a valid number",
+    ),
+    (
+        lambda r: r["dataset"]["splits"]["train"].update(min_objects=5, max_objects=2),
+        "dataset.splits.train: min_objects (5) exceeds max_objects (2)",
+    ),
+    (
+        lambda r: r["dataset"].update(image_size=8),
+        "dataset.image_size: Input should be greater than or equal to 32 (got 8)",
+    ),
+    (
+        lambda r: r["benchmark"]["runs"].append({"model": "nope", "split": "test"}),
+        "benchmark.runs.2.model: unknown model 'nope'",
+    ),
+    (
+        lambda r: r["models"]["toy-detector"].update(kind="yolo"),
+        "models.toy-detector: Input tag 'yolo' found using 'kind' does not match",
+    ),
     (lambda r: r.update(extra_section={}), "extra_section: unknown key"),
     (lambda r: r["runtime"].update(device="tpu"), "runtime.device: Input should be 'auto', 'cpu' or 'cuda'"),
-    (lambda r: r["models"]["toy-detector"]["vit"].update(hidden_size=130, heads=4), "hidden_size (130) must be divisible by heads (4)"),
+    (
+        lambda r: r["models"]["toy-detector"]["vit"].update(hidden_size=130, heads=4),
+        "hidden_size (130) must be divisible by heads (4)",
+    ),
 ]
 
 
@@ -63,11 +87,16 @@ def test_cli_rejects_bad_params_before_writing_anything(tmp_path, command):
     before = sorted(p.name for p in tmp_path.iterdir())
     proc = subprocess.run(
         [sys.executable, "-m", "blueglass.cli", *command, "--params", str(path)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines == [f"error: {path}: models.toy-detector.train.steps: Input should be greater than 0 (got 0)"]
+    assert lines == [
+        f"error: {path}: models.toy-detector.train.steps: Input should be greater than 0 (got 0)"
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
@@ -75,8 +104,15 @@ def test_cli_missing_prerequisite_is_one_line(tmp_path):
     raw = yaml.safe_load((REPO / "pipelines" / "smoke" / "params.yaml").read_text())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     proc = subprocess.run(
-        [sys.executable, "-m", "blueglass.cli", "benchmark"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+        [sys.executable, "-m", "blueglass.cli", "benchmark"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {tmp_path / 'models' / 'toy-detector'}: model folder not found (run `blueglass train-model toy-detector` first)"
+    assert (
+        proc.stderr.strip()
+        == f"error: {tmp_path / 'models' / 'toy-detector'}: model folder not found (run `blueglass train-model toy-detector` first)"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

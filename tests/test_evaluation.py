@@ -9,8 +9,10 @@ from blueglass.evaluation.classification import image_values
 from blueglass.models.base import Detections
 
 GT = {
-    "images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.png"},
-               {"id": 2, "width": 100, "height": 100, "file_name": "b.png"}],
+    "images": [
+        {"id": 1, "width": 100, "height": 100, "file_name": "a.png"},
+        {"id": 2, "width": 100, "height": 100, "file_name": "b.png"},
+    ],
     "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
     "annotations": [
         {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0},

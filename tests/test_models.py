@@ -43,7 +43,9 @@ def test_clip_adapter_zero_shot(tiny_vlm, toy_root):
         logits = adapter.postprocess(adapter.forward(adapter.preprocess([ds.load_image(ds.images[0])])))
     assert logits.shape == (1, 2)
     assert any(p.name.startswith("vision_model.encoder.layers.0") for p in adapter.hook_points())
-    m = evaluate(adapter, ds, prompts={"color": "a photo of a {color} object", "shape": "a photo of a {shape}"})
+    m = evaluate(
+        adapter, ds, prompts={"color": "a photo of a {color} object", "shape": "a photo of a {shape}"}
+    )
     assert set(m) >= {"accuracy", "color", "shape"} and m["images"] == 12
 
 
@@ -55,13 +57,17 @@ def test_adapter_errors(tmp_path, tiny_detector):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["model_type"] = "resnet"
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelError, match="unsupported model_type 'resnet' \\(supported: blueglass-toy-detector, clip\\)"):
+    with pytest.raises(
+        ModelError, match="unsupported model_type 'resnet' \\(supported: blueglass-toy-detector, clip\\)"
+    ):
         load_adapter(folder)
 
 
 def test_assign_targets_hand_case():
     # one 16x16 object centred at (20, 36) on a 64 px image with 8 px patches (grid 8)
-    cls, box, pos = assign_targets([np.array([[12, 28, 28, 44]], np.float32)], [np.array([2])], grid=8, image_size=64)
+    cls, box, pos = assign_targets(
+        [np.array([[12, 28, 28, 44]], np.float32)], [np.array([2])], grid=8, image_size=64
+    )
     hits = torch.nonzero(pos[0]).flatten().tolist()
     # patch centres within ±4 px of the centre: columns 2 (cx 20) and rows 4 (cy 36) → plus none else
     assert hits == [4 * 8 + 2]
@@ -72,7 +78,9 @@ def test_assign_targets_hand_case():
 
 def test_truth_matrix_hand_case():
     # concept index triples (size, colour, shape); -1 = any, -2 = unused slot
-    objs = torch.tensor([[[0, 0, 0], [1, 2, 1]], [[1, 0, 2], [-1, -1, -1]]])  # img0: small c0 s0 + large c2 s1
+    objs = torch.tensor(
+        [[[0, 0, 0], [1, 2, 1]], [[1, 0, 2], [-1, -1, -1]]]
+    )  # img0: small c0 s0 + large c2 s1
     desc = torch.tensor(
         [
             [[-1, 0, -1], [-2, -2, -2]],  # "a <colour 0> object": both images

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
-
 from conftest import REPO, SMOKE_PARAMS
+from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +29,9 @@ def scratch_repo(tmp_path, migrated_db):
     shutil.copy(SMOKE_PARAMS, repo / "params.yaml")
     shutil.copytree(REPO / "blueglass", repo / "blueglass", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(migrated_db, repo / "mlflow.db")
-    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "BLUEGLASS_ROOT", "DVC_STAGE"}}
+    env = {
+        k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "BLUEGLASS_ROOT", "DVC_STAGE"}
+    }
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
     _run(["git", "init", "-q"], repo, env)
@@ -48,7 +49,16 @@ def test_dvc_repro_end_to_end(scratch_repo):
 
     metrics = json.loads((repo / "metrics" / "benchmark.json").read_text())
     assert 0.0 <= metrics["toy-detector@test"]["AP50"] <= 1.0
-    assert set(metrics["toy-detector@test"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "per_class"}
+    assert set(metrics["toy-detector@test"]) >= {
+        "AP",
+        "AP50",
+        "AP75",
+        "APs",
+        "APm",
+        "APl",
+        "AR100",
+        "per_class",
+    }
     assert 0.0 <= metrics["toy-vlm@test_single"]["accuracy"] <= 1.0
     assert set(metrics["toy-vlm@test_single"]) >= {"color", "shape", "color_shape"}
     assert "| toy-detector@test |" in (repo / "reports" / "benchmark.md").read_text()
@@ -63,7 +73,8 @@ def test_dvc_repro_end_to_end(scratch_repo):
     assert "metric.test.AP50" in det.tags and det.tags["dvc.stage"] == "train_model@toy-detector"
     assert "metric.test_single.accuracy" in vlm.tags
     runs = client.search_runs(
-        [client.get_experiment_by_name("blueglass-smoke").experiment_id], "tags.`blueglass.stage` = 'benchmark'"
+        [client.get_experiment_by_name("blueglass-smoke").experiment_id],
+        "tags.`blueglass.stage` = 'benchmark'",
     )
     assert len(runs) == 3  # one parent + one nested run per model × split
     assert {r.data.tags.get("dvc.stage") for r in runs} == {"benchmark"}

@@ -72,7 +72,11 @@ def test_registry_round_trip(mlflow_project, tiny_detector, toy_root, monkeypatc
     tracking.promote("toy-detector", "1", "champion")
     assert str(client.get_model_version_by_alias("toy-detector", "champion").version) == "1"
     rows = tracking.list_registry()
-    assert [(r.name, r.version) for r in rows] == [("toy-detector", "1"), ("toy-detector", "2"), ("toy-detector", "3")]
+    assert [(r.name, r.version) for r in rows] == [
+        ("toy-detector", "1"),
+        ("toy-detector", "2"),
+        ("toy-detector", "3"),
+    ]
     assert rows[0].aliases == ("champion",) and rows[0].metrics["AP50"] == "0.4"
 
 

@@ -146,9 +146,13 @@ class CocoDataset:
                 raise DatasetError(f"{where}: duplicate annotation id {aid}")
             seen.add(aid)
             if int(a.get("category_id", -1)) not in cat_ids:
-                raise DatasetError(f"{where}: annotation {aid} has unknown category id {a.get('category_id')}")
+                raise DatasetError(
+                    f"{where}: annotation {aid} has unknown category id {a.get('category_id')}"
+                )
             if int(a.get("image_id", -1)) not in sizes:
-                raise DatasetError(f"{where}: annotation {aid} refers to unknown image id {a.get('image_id')}")
+                raise DatasetError(
+                    f"{where}: annotation {aid} refers to unknown image id {a.get('image_id')}"
+                )
             box = a.get("bbox")
             if not (isinstance(box, list) and len(box) == 4):
                 raise DatasetError(f"{where}: annotation {aid} has a malformed bbox {box!r}")

@@ -41,4 +41,12 @@ def load_adapter(folder: str | Path, device: str = "cpu") -> ModelAdapter:
     return cls(folder, device=device)
 
 
-__all__ = ["ADAPTERS", "Detections", "HookPoint", "ModelAdapter", "load_adapter", "match_points", "weights_sha256"]
+__all__ = [
+    "ADAPTERS",
+    "Detections",
+    "HookPoint",
+    "ModelAdapter",
+    "load_adapter",
+    "match_points",
+    "weights_sha256",
+]

@@ -34,7 +34,9 @@ class ClipAdapter:
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
             self.processor = AutoImageProcessor.from_pretrained(str(self.folder))
         except (OSError, ValueError) as exc:
-            raise ModelError(f"{self.folder}: cannot load a CLIP model folder ({str(exc).splitlines()[0]})") from None
+            raise ModelError(
+                f"{self.folder}: cannot load a CLIP model folder ({str(exc).splitlines()[0]})"
+            ) from None
         self.module.eval().to(self.device)
         self.name = getattr(self.module.config, "blueglass_name", None) or self.folder.name
         self.image_size = int(self.module.config.vision_config.image_size)

@@ -109,7 +109,9 @@ def save_detector(model: ToyDetector, folder: Path, classes: Sequence[str], extr
 
 def to_pixel_tensor(images: Sequence[np.ndarray] | np.ndarray, mean: Sequence[float], std: Sequence[float]):
     """``[B, H, W, 3]`` uint8 → normalised ``[B, 3, H, W]`` float32."""
-    arr = torch.from_numpy(np.ascontiguousarray(np.stack(list(images)) if not isinstance(images, np.ndarray) else images))
+    arr = torch.from_numpy(
+        np.ascontiguousarray(np.stack(list(images)) if not isinstance(images, np.ndarray) else images)
+    )
     x = arr.permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
@@ -168,7 +170,9 @@ class DetectorAdapter:
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.module(batch["pixel_values"])
 
-    def postprocess(self, outputs: dict[str, torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[Detections]:
+    def postprocess(
+        self, outputs: dict[str, torch.Tensor], sizes: Sequence[tuple[int, int]]
+    ) -> list[Detections]:
         probs = outputs["logits"].sigmoid().float().cpu()
         boxes = box_convert(outputs["boxes"].float().cpu(), "cxcywh", "xyxy")
         results = []

@@ -32,7 +32,15 @@ class BlueGlassModel(PythonModel):
                 dets = self.adapter.postprocess(outputs, [im.shape[:2] for im in images])
                 names = dict(zip(self.adapter.category_ids, self.adapter.classes, strict=True))
                 rows = [
-                    {"image_index": i, "x0": b[0], "x1": b[2], "y0": b[1], "y1": b[3], "score": s, "label": names[int(c)]}
+                    {
+                        "image_index": i,
+                        "x0": b[0],
+                        "x1": b[2],
+                        "y0": b[1],
+                        "y1": b[3],
+                        "score": s,
+                        "label": names[int(c)],
+                    }
                     for i, d in enumerate(dets)
                     for b, s, c in zip(d.boxes_xyxy, d.scores, d.labels, strict=True)
                 ]

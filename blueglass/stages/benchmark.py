@@ -29,7 +29,11 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     det = {k: v for k, v in results.items() if v["task"] == "detection"}
     zs = {k: v for k, v in results.items() if v["task"] == "zero_shot"}
     if det:
-        lines += ["## Detection (COCO box metrics)", "", "| model@split | images | " + " | ".join(det_cols) + " |"]
+        lines += [
+            "## Detection (COCO box metrics)",
+            "",
+            "| model@split | images | " + " | ".join(det_cols) + " |",
+        ]
         lines.append("|" + "---|" * (len(det_cols) + 2))
         for key, m in det.items():
             lines.append(f"| {key} | {m['images']} | " + " | ".join(_fmt(m.get(c)) for c in det_cols) + " |")
@@ -38,7 +42,9 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             lines.append(f"- {key}: " + ", ".join(f"{c} {_fmt(v)}" for c, v in m["per_class"].items()))
         lines.append("")
     if zs:
-        fams = sorted({f for m in zs.values() for f, v in m.items() if isinstance(v, dict) and "accuracy" in v})
+        fams = sorted(
+            {f for m in zs.values() for f, v in m.items() if isinstance(v, dict) and "accuracy" in v}
+        )
         lines += ["## Zero-shot classification (accuracy, single-object images)", ""]
         lines.append("| model@split | images | mean | " + " | ".join(fams) + " |")
         lines.append("|" + "---|" * (len(fams) + 3))
@@ -58,22 +64,36 @@ def run(params: Params, base: Path) -> dict[str, dict[str, Any]]:
     for run_ in bp.runs:
         folder = base / "models" / run_.model
         if not folder.is_dir():
-            raise ModelError(f"{folder}: model folder not found (run `blueglass train-model {run_.model}` first)")
+            raise ModelError(
+                f"{folder}: model folder not found (run `blueglass train-model {run_.model}` first)"
+            )
         pairs.append((run_, folder, load_split(params, base, run_.split)))
     rt = setup(params.runtime)
     import torch
 
     results: dict[str, dict[str, Any]] = {}
-    with start_run(
-        "benchmark", run_name="benchmark", experiment=params.tracking.experiment, wandb_cfg=params.tracking.wandb
-    ) as parent, progress() as bar:
+    with (
+        start_run(
+            "benchmark",
+            run_name="benchmark",
+            experiment=params.tracking.experiment,
+            wandb_cfg=params.tracking.wandb,
+        ) as parent,
+        progress() as bar,
+    ):
         parent.log_params({"benchmark": bp.model_dump(), "runtime": rt})
         for run_, folder, ds in pairs:
             key = f"{run_.model}@{run_.split}"
             adapter = load_adapter(folder, device=rt["device"])
             task = bar.add_task(f"benchmark {key}", total=len(ds), info="")
             with torch.no_grad():
-                m = evaluate(adapter, ds, batch_size=bp.batch_size, prompts=bp.prompts, tick=lambda k, t=task: bar.advance(t, k))
+                m = evaluate(
+                    adapter,
+                    ds,
+                    batch_size=bp.batch_size,
+                    prompts=bp.prompts,
+                    tick=lambda k, t=task: bar.advance(t, k),
+                )
             m["task"] = adapter.task
             results[key] = m
             sha = adapter.weights_sha256
@@ -85,7 +105,9 @@ def run(params: Params, base: Path) -> dict[str, dict[str, Any]]:
                 tags={"model": run_.model, "split": run_.split},
             ) as child:
                 child.log_params({"model": run_.model, "split": run_.split, "batch_size": bp.batch_size})
-                child.log_input(f"{params.dataset.name}-{run_.split}", ds.fingerprint, ds.root, context="eval")
+                child.log_input(
+                    f"{params.dataset.name}-{run_.split}", ds.fingerprint, ds.root, context="eval"
+                )
                 child.log_input(run_.model, sha, folder, context="model")
                 child.log_metrics({k: v for k, v in m.items() if k != "task"})
             flat = headline_metrics(adapter.task, m)
@@ -93,7 +115,9 @@ def run(params: Params, base: Path) -> dict[str, dict[str, Any]]:
                 run_.model, sha, {f"metric.{run_.split}.{k}": f"{v:.6g}" for k, v in flat.items()}
             )
         # MLflow metric names cannot hold "@": model@split becomes model/split there.
-        parent.log_metrics({key.replace("@", "/"): headline_metrics(m["task"], m) for key, m in results.items()})
+        parent.log_metrics(
+            {key.replace("@", "/"): headline_metrics(m["task"], m) for key, m in results.items()}
+        )
         md = table(results)
         write_text(base / "reports" / "benchmark.md", md + "\n")
         parent.log_artifact(base / "reports" / "benchmark.md")

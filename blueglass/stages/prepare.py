@@ -29,8 +29,12 @@ def run(params: Params, base: Path) -> dict:
             "objects": sum(len(r.annotations) for r in split.images),
             "fingerprint": split.fingerprint,
         }
-    with start_run("prepare", run_name=f"prepare {ds.name}", experiment=params.tracking.experiment,
-                   wandb_cfg=params.tracking.wandb) as r:
+    with start_run(
+        "prepare",
+        run_name=f"prepare {ds.name}",
+        experiment=params.tracking.experiment,
+        wandb_cfg=params.tracking.wandb,
+    ) as r:
         r.log_params({"dataset": ds.model_dump()})
         r.log_metrics({name: {"images": s["images"], "objects": s["objects"]} for name, s in summary.items()})
         for name, s in summary.items():

@@ -65,7 +65,9 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
         elif isinstance(mp, VlmModelParams):
             from blueglass.training.vlm import save_vlm, train_vlm
 
-            model, tokenizer, history = train_vlm(mp, data, train_ds.concepts, train_ds.category_names, progress=report)
+            model, tokenizer, history = train_vlm(
+                mp, data, train_ds.concepts, train_ds.category_names, progress=report
+            )
             model.config.blueglass_name = name
             save_vlm(model, tokenizer, tmp)
         else:  # pragma: no cover - the schema admits only the kinds above
@@ -75,7 +77,9 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
         adapter = load_adapter(tmp)
         etask = bar.add_task(f"evaluate {name} on val", total=len(val_ds), info="")
         with torch.no_grad():
-            val = evaluate(adapter, val_ds, prompts=params.benchmark.prompts, tick=lambda k: bar.advance(etask, k))
+            val = evaluate(
+                adapter, val_ds, prompts=params.benchmark.prompts, tick=lambda k: bar.advance(etask, k)
+            )
     replace_dir(tmp, final)
 
     headline = HEADLINE[adapter.task]

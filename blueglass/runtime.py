@@ -16,6 +16,7 @@ from blueglass.config import RuntimeParams, resolve_threads
 def setup(rt: RuntimeParams) -> dict[str, Any]:
     """Set torch's thread count (``runtime.threads``; 0 = min(2, free cores)) and pick the device."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    quiet_libraries()
     import torch
 
     from blueglass.models.base import pick_device
@@ -24,6 +25,14 @@ def setup(rt: RuntimeParams) -> dict[str, Any]:
     torch.set_num_threads(threads)
     device = pick_device(rt.device)
     return {"threads": threads, "device": str(device)}
+
+
+def quiet_libraries() -> None:
+    """Silence third-party progress bars (ours are the rich ones) before those libraries load."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # BlueGlass never downloads: fail fast instead of hanging
 
 
 @contextlib.contextmanager

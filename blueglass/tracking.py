@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +164,9 @@ class Run:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
 
-        src = resolve_dataset_source(Path(source).resolve().as_uri())
+        with warnings.catch_warnings():  # MLflow registers its local source class twice and says so
+            warnings.simplefilter("ignore", UserWarning)
+            src = resolve_dataset_source(Path(source).resolve().as_uri())
         ds = MetaDataset(source=src, name=name, digest=digest[:36])
         mlflow.log_input(ds, context=context)
         mlflow.set_tag(f"input.{context}.{name}.sha256", digest)
@@ -243,18 +246,22 @@ def register_model(
         inputs=Schema([ColSpec("string", "image_path")]),
         params=ParamSchema([ParamSpec("prompts", "string", default="")]),
     )
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(PYFUNC_CODE),
-        artifacts={"model": str(folder)},
-        code_paths=[str(Path(blueglass.__file__).parent)],
-        pip_requirements=PIP_REQUIREMENTS,
-        signature=signature,
-    )
+    with warnings.catch_warnings():
+        # MLflow nags about type hints and input examples; the explicit signature above is the contract.
+        warnings.simplefilter("ignore", UserWarning)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={"model": str(folder)},
+            code_paths=[str(Path(blueglass.__file__).parent)],
+            pip_requirements=PIP_REQUIREMENTS,
+            signature=signature,
+        )
     client = MlflowClient()
     with contextlib.suppress(MlflowException):
         client.create_registered_model(name, description=f"BlueGlass model '{name}'. {description}")
-    mv = mlflow.register_model(info.model_uri, name)
+    run = mlflow.active_run()
+    mv = client.create_model_version(name, info.model_uri, run_id=run.info.run_id if run else None)
     version = str(mv.version)
     client.update_model_version(name, version, description=description)
     all_tags = {

@@ -67,7 +67,8 @@ def test_dvc_repro_end_to_end(scratch_repo):
     assert not (repo / "mlruns").joinpath("0", "meta.yaml").exists()  # never the file store
 
     # the registry in the project's DB holds both models, tagged with the test metrics by benchmark
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     det = client.get_model_version_by_alias("toy-detector", "champion")
     vlm = client.get_model_version_by_alias("toy-vlm", "champion")
     assert "metric.test.AP50" in det.tags and det.tags["dvc.stage"] == "train_model@toy-detector"

@@ -98,3 +98,27 @@ def test_promote_unknown_version(mlflow_project):
 
     with pytest.raises(BlueGlassError, match="no version 7 of model 'ghost'"):
         tracking.promote("ghost", "7", "champion")
+
+
+def test_wandb_mirror_is_optional(mlflow_project, monkeypatch):
+    import builtins
+
+    from blueglass.config import WandbParams
+    from blueglass.errors import BlueGlassError
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("no wandb")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    # disabled (the default): no wandb import is attempted at all
+    with tracking.start_run("prepare", run_name="off", wandb_cfg=WandbParams()):
+        pass
+    with (
+        pytest.raises(BlueGlassError, match=r"wandb is not installed \(pip install 'blueglass\[wandb\]'\)"),
+        tracking.start_run("prepare", run_name="on", wandb_cfg=WandbParams(enabled=True)),
+    ):
+        pass

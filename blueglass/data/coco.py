@@ -176,7 +176,7 @@ class CocoDataset:
     def load_image(self, record: ImageRecord) -> np.ndarray:
         """The image as ``[H, W, 3]`` uint8 RGB."""
         with Image.open(record.path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
 
     def coco_dict(self) -> dict[str, Any]:
         """The ground truth as a COCO dict (for the evaluator)."""

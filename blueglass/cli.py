@@ -64,7 +64,7 @@ def _load(params: Path):
 @app.command()
 @user_errors
 def prepare(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Generate the toy-world dataset (COCO format) for every split in ``dataset.splits``."""
+    """Generate the toy-world dataset (COCO format) for every split in dataset.splits."""
     p, base = _load(params)
     from blueglass.stages import prepare as stage
 
@@ -95,7 +95,7 @@ def train_model(
 @app.command()
 @user_errors
 def benchmark(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Evaluate every model × split in ``benchmark.runs``; write metrics/benchmark.json and reports/benchmark.md."""
+    """Evaluate every model × split in benchmark.runs; write metrics/benchmark.json and reports/benchmark.md."""
     p, base = _load(params)
     from blueglass.stages import benchmark as stage
 

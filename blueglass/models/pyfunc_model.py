@@ -25,7 +25,7 @@ class BlueGlassModel(PythonModel):
         import torch
 
         paths = list(model_input["image_path"])
-        images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+        images = [np.array(Image.open(p).convert("RGB")) for p in paths]
         with torch.no_grad():
             outputs = self.adapter.forward(self.adapter.preprocess(images))
             if self.adapter.task == "detection":

@@ -29,6 +29,13 @@ ParamsOpt = Annotated[
 ]
 
 
+@app.callback()
+def _main() -> None:
+    from blueglass.runtime import quiet_libraries  # env vars only: cheap
+
+    quiet_libraries()
+
+
 def _fail(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
@@ -54,9 +61,7 @@ def user_errors(fn):
 
 def _load(params: Path):
     from blueglass.config import load_params
-    from blueglass.runtime import quiet_libraries
 
-    quiet_libraries()
     p = load_params(params)
     return p, params.resolve().parent
 
@@ -151,9 +156,11 @@ def registry_list(
     if not rows:
         typer.echo("the registry is empty")
         return
-    t = Table("model", "version", "aliases", "headline", "metrics")
+    t = Table("model", "version", "aliases", "headline", "headline by split")
     for r in rows:
-        metrics = ", ".join(f"{k} {v}" for k, v in sorted(r.metrics.items()))
+        # every metric tag stays in the MLflow UI; the table shows the headline per split (val, test, …)
+        shown = {k: v for k, v in r.metrics.items() if k.split(".", 1)[-1] == r.headline and "." in k}
+        metrics = ", ".join(f"{k} {float(v):.3f}" for k, v in sorted(shown.items()))
         t.add_row(r.name, r.version, ",".join(r.aliases), r.headline, metrics)
     Console(width=200).print(t)
 

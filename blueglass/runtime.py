@@ -35,9 +35,40 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # BlueGlass never downloads: fail fast instead of hanging
 
 
+class _LogLines:
+    """Progress for non-terminals (CI logs, ``dvc repro`` piped): one line per task at every 10 %."""
+
+    def __init__(self, console: Any):
+        self.console = console
+        self.tasks: dict[int, dict[str, Any]] = {}
+
+    def add_task(self, description: str, total: float | None = None, **fields: Any) -> int:
+        tid = len(self.tasks)
+        self.tasks[tid] = {"desc": description, "total": total or 0, "done": 0, "next": 0.1, "info": ""}
+        return tid
+
+    def update(
+        self, tid: int, *, completed: float | None = None, advance: float = 0, info: str = "", **_: Any
+    ):
+        t = self.tasks[tid]
+        t["done"] = completed if completed is not None else t["done"] + advance
+        t["info"] = info or t["info"]
+        if t["total"] and t["done"] / t["total"] >= t["next"] - 1e-9:
+            pct = int(100 * t["done"] / t["total"])
+            self.console.print(f"{t['desc']}: {t['done']:.0f}/{t['total']:.0f} ({pct}%) {t['info']}".rstrip())
+            t["next"] = (int(10 * t["done"] / t["total"]) + 1) / 10
+
+    def advance(self, tid: int, amount: float = 1) -> None:
+        self.update(tid, advance=amount)
+
+
 @contextlib.contextmanager
 def progress() -> Iterator[Any]:
-    """A rich progress display on stderr (plain lines when stderr is not a terminal)."""
+    """Rich progress bars on stderr; plain 10 % lines when stderr is not a terminal.
+
+    The object yielded has rich's ``add_task(description, total=…, info=…)``, ``update(task, completed=…,
+    info=…)`` and ``advance(task, n)``.
+    """
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -49,6 +80,9 @@ def progress() -> Iterator[Any]:
     )
 
     console = Console(stderr=True)
+    if not console.is_terminal:
+        yield _LogLines(console)
+        return
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -57,14 +91,8 @@ def progress() -> Iterator[Any]:
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
         console=console,
-        disable=not console.is_terminal and os.environ.get("BLUEGLASS_PROGRESS", "") != "1",
     ) as bar:
         yield bar
-        if not console.is_terminal:
-            for task in bar.tasks:
-                console.print(
-                    f"{task.description}: {task.completed:.0f}/{task.total or 0:.0f} {task.fields.get('info', '')}"
-                )
 
 
 def write_json(path: Path, data: Any) -> None:

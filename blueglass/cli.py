@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 registry_app = typer.Typer(help="Inspect and curate the MLflow Model Registry.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
+lens_app = typer.Typer(help="Inspect and verify Lens datasets.", no_args_is_help=True)
+app.add_typer(lens_app, name="lens")
 
 ParamsOpt = Annotated[
     Path, typer.Option("--params", "-p", help="Params file (paths in it are relative to its folder).")
@@ -106,6 +108,108 @@ def benchmark(params: ParamsOpt = Path("params.yaml")) -> None:
 
     results = stage.run(p, base)
     typer.echo(stage.table(results))
+
+
+@app.command()
+@user_errors
+def extract(
+    name: Annotated[str, typer.Argument(help="A key of extract.lenses, e.g. toy-detector-test.")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Record a Lens (activations + per-token metadata) into lens/NAME. Under torchrun, ranks split the images."""
+    p, base = _load(params)
+    from blueglass.stages import extract as stage
+
+    s = stage.run(p, base, name)
+    if s is not None:
+        typer.echo(
+            f"{name}: {s['points']} point(s), {s['images']} images, {s['rows']} rows, "
+            f"{s['bytes'] / 1e6:.1f} MB in {s['seconds']:.1f} s; md5 {s['md5']}"
+        )
+
+
+@lens_app.command("info")
+@user_errors
+def lens_info(root: Annotated[str, typer.Argument(help="Lens folder or URL.")]) -> None:
+    """Points, dimensions, rows, size and lineage of a Lens."""
+    from blueglass.features.lens import Lens
+
+    lens = Lens(root)
+    m = lens.manifest
+    typer.echo(f"Lens {m.get('name', root)} (schema {m['schema_version']}, {m['created_by']})")
+    typer.echo(
+        f"  model:   {m['model']['name']} ({m['model']['adapter']}) weights sha256 {m['model']['weights_sha256'][:16]}…"
+    )
+    ds = m["dataset"]
+    typer.echo(
+        f"  dataset: {ds['name']}/{ds['split']} ({ds['images']} images) fingerprint {ds['fingerprint'][:16]}…"
+    )
+    typer.echo(
+        f"  blocks:  {m['block_images']} images per sample, {m['blocks_per_shard']} samples per shard, {m['ranks']} rank(s)"
+    )
+    width = max(len(p) for p in lens.points)
+    for name in lens.points:
+        pt = lens.point(name)
+        lay = pt["layout"]
+        kinds = "+".join(f"{n} {k}" for k, n in lay["kinds"].items())
+        typer.echo(
+            f"  {name:<{width}}  d={pt['d']:<5} {pt['dtype']:<8} rows={pt['rows']:<9} images={pt['images']:<7} "
+            f"{pt['bytes'] / 1e6:8.1f} MB  shards={len(pt['shards']):<4} tokens/image={lay['tokens_per_image']} ({kinds})"
+        )
+
+
+@lens_app.command("verify")
+@user_errors
+def lens_verify(root: Annotated[str, typer.Argument(help="Lens folder or URL.")]) -> None:
+    """Re-hash every shard and check its row count; exit 1 on any mismatch."""
+    from blueglass.features.lens import Lens
+
+    lens = Lens(root)
+    problems = lens.verify()
+    n = sum(len(lens.shards(p)) for p in lens.points)
+    if problems:
+        for msg in problems:
+            typer.echo(f"FAIL {msg}", err=True)
+        typer.echo(f"{len(problems)} problem(s) in {n} shard(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"OK: {n} shard(s) of {len(lens.points)} point(s) verified")
+
+
+@lens_app.command("head")
+@user_errors
+def lens_head(
+    root: Annotated[str, typer.Argument(help="Lens folder or URL.")],
+    point: Annotated[str, typer.Option("--point", "-p", help="Point name (see `lens info`).")],
+    rows: Annotated[int, typer.Option("--rows", "-n", help="How many rows.")] = 5,
+) -> None:
+    """The first rows of a point: metadata columns and the first feature values."""
+    import numpy as np
+
+    from blueglass.features.lens import Lens
+
+    lens = Lens(root)
+    lens.point(point)
+    block = next(lens.blocks(point, lens.shards(point)[:1]), None)
+    if block is None:
+        typer.echo("(no rows)")
+        return
+    names = block.meta.dtype.names
+    typer.echo(" | ".join(names) + " | feats[:4]")
+    for i in range(min(rows, len(block.feats))):
+        rec = block.meta[i]
+        cells = [
+            np.array2string(rec[n], precision=1, separator=",")
+            if np.ndim(rec[n])
+            else f"{rec[n]:.3g}"
+            if isinstance(rec[n], np.floating)
+            else str(rec[n])
+            for n in names
+        ]
+        typer.echo(
+            " | ".join(cells)
+            + " | "
+            + np.array2string(block.feats[i, :4].astype(np.float32), precision=3, separator=",")
+        )
 
 
 @app.command()

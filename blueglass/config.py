@@ -149,12 +149,30 @@ class BenchmarkParams(Strict):
     )
 
 
+class LensSpec(Strict):
+    """One Lens: a model × a dataset split × hook points (module paths, globs, aliases, ``…:input``)."""
+
+    model: Slug
+    split: Slug
+    points: list[str] = Field(min_length=1)
+
+
+class ExtractParams(Strict):
+    batch_size: int = Field(64, gt=0, le=4096)
+    block_images: int = Field(64, gt=0, le=100_000, description="images per tar sample")
+    blocks_per_shard: int = Field(8, gt=0, le=100_000)
+    dtype: Literal["float16", "float32"] = "float16"
+    iou_threshold: float = Field(0.5, gt=0, le=1, description="IoU for the true-positive flag")
+    lenses: dict[Slug, LensSpec] = Field(min_length=1)
+
+
 class Params(Strict):
     dataset: DatasetParams
     models: dict[Slug, ModelParams] = Field(min_length=1)
     runtime: RuntimeParams = RuntimeParams()
     tracking: TrackingParams = TrackingParams()
     benchmark: BenchmarkParams
+    extract: ExtractParams | None = None
 
     @model_validator(mode="after")
     def _references(self) -> Params:
@@ -167,6 +185,15 @@ class Params(Strict):
                 raise ValueError(
                     f"benchmark.runs.{i}.split: unknown split '{run.split}' "
                     f"(splits: {', '.join(self.dataset.splits)})"
+                )
+        for name, lens in (self.extract.lenses if self.extract else {}).items():
+            if lens.model not in self.models:
+                raise ValueError(
+                    f"extract.lenses.{name}.model: unknown model '{lens.model}' (models: {', '.join(self.models)})"
+                )
+            if lens.split not in self.dataset.splits:
+                raise ValueError(
+                    f"extract.lenses.{name}.split: unknown split '{lens.split}' (splits: {', '.join(self.dataset.splits)})"
                 )
         return self
 

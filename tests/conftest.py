@@ -84,3 +84,19 @@ def tiny_vlm(tmp_path_factory, toy_root, tiny_params) -> Path:
     folder = tmp_path_factory.mktemp("models") / "toy-vlm"
     save_vlm(model, tok, folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def smoke_project(tmp_path_factory, tiny_detector, tiny_vlm) -> Path:
+    """A project folder laid out like the pipeline leaves it (smoke params, data, trained tiny models)."""
+    from blueglass.config import load_params
+    from blueglass.data import generate_toyworld
+
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(SMOKE_PARAMS, root / "params.yaml")
+    p = load_params(root / "params.yaml")
+    splits = {k: (v.images, v.min_objects, v.max_objects) for k, v in p.dataset.splits.items()}
+    generate_toyworld(root / p.dataset.path, splits, seed=p.dataset.seed)
+    shutil.copytree(tiny_detector, root / "models" / "toy-detector")
+    shutil.copytree(tiny_vlm, root / "models" / "toy-vlm")
+    return root

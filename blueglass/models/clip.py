@@ -71,6 +71,18 @@ class ClipAdapter:
         scale = self.module.logit_scale.exp()
         return (scale * outputs @ self._text_embeds.T).float().cpu()
 
+    @property
+    def grid(self) -> int:
+        cfg = self.module.config.vision_config
+        return cfg.image_size // cfg.patch_size
+
+    def aliases(self) -> dict[str, str]:
+        """Friendly names: ``resid.N`` = the output of vision block N; ``image_embeds`` = the projection."""
+        n = self.module.config.vision_config.num_hidden_layers
+        return {f"resid.{i}": f"vision_model.encoder.layers.{i}" for i in range(n)} | {
+            "image_embeds": "visual_projection"
+        }
+
     def hook_points(self) -> list[HookPoint]:
         blank = [np.zeros((self.image_size, self.image_size, 3), np.uint8)]
         return trace_hook_points(self.module, lambda: self.forward(self.preprocess(blank)))

@@ -194,6 +194,36 @@ class DetectorAdapter:
             )
         return results
 
+    @property
+    def grid(self) -> int:
+        return self.module.grid
+
+    def aliases(self) -> dict[str, str]:
+        """Friendly names: ``resid.N`` = the output of ViT block N."""
+        n = self.module.vit_config.num_hidden_layers
+        return {f"resid.{i}": f"vit.layers.{i}" for i in range(n)} | {"resid.final": "vit.layernorm"}
+
+    def token_predictions(self, outputs: dict[str, torch.Tensor], detections: Sequence[Detections], sizes):
+        """Every patch token's own prediction (best class, its score, its box) and whether it was kept."""
+        from blueglass.features.align import TokenPredictions
+
+        probs = outputs["logits"].sigmoid().float().cpu()
+        boxes = box_convert(outputs["boxes"].float().cpu(), "cxcywh", "xyxy")
+        out = []
+        for i, (h, w) in enumerate(sizes):
+            score, label = probs[i].max(-1)
+            kept = np.zeros(len(score), bool)
+            kept[detections[i].token_ids] = True
+            out.append(
+                TokenPredictions(
+                    boxes_xyxy=(boxes[i] * torch.tensor([w, h, w, h])).numpy(),
+                    scores=score.numpy(),
+                    labels=np.asarray(self.category_ids)[label.numpy()],
+                    kept=kept,
+                )
+            )
+        return out
+
     def hook_points(self) -> list[HookPoint]:
         blank = [np.zeros((self.image_size, self.image_size, 3), np.uint8)]
         return trace_hook_points(self.module, lambda: self.forward(self.preprocess(blank)))

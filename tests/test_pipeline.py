@@ -44,7 +44,14 @@ def scratch_repo(tmp_path, migrated_db):
 def test_dvc_repro_end_to_end(scratch_repo):
     repo, env = scratch_repo
     first = _run(["dvc", "repro"], repo, env)
-    for stage in ("prepare", "train_model@toy-detector", "train_model@toy-vlm", "benchmark"):
+    for stage in (
+        "prepare",
+        "train_model@toy-detector",
+        "train_model@toy-vlm",
+        "benchmark",
+        "extract@toy-detector-test",
+        "extract@toy-vlm-test_single",
+    ):
         assert f"Running stage '{stage}'" in first
 
     metrics = json.loads((repo / "metrics" / "benchmark.json").read_text())
@@ -83,6 +90,14 @@ def test_dvc_repro_end_to_end(scratch_repo):
     second = _run(["dvc", "repro"], repo, env)
     assert "Running stage" not in second
 
+    # the Lens is a DVC output: it verifies, and it travels through a remote with push / pull
+    lens = repo / "lens" / "toy-detector-test"
+    assert "OK:" in _run(["blueglass", "lens", "verify", str(lens)], repo, env)
+    extract_run = client.search_runs(
+        [client.get_experiment_by_name("blueglass-smoke").experiment_id], "tags.lens = 'toy-detector-test'"
+    )[0]
+    assert extract_run.data.metrics["rows"] > 0 and extract_run.data.tags["dvc.stage"] == "extract@toy-detector-test"
+    assert any(i.dataset.name == "lens-toy-detector-test" for i in extract_run.inputs.dataset_inputs)
     shown = _run(["dvc", "metrics", "show"], repo, env)
     assert "AP50" in shown and "accuracy" in shown
 
@@ -92,3 +107,13 @@ def test_dvc_repro_end_to_end(scratch_repo):
     third = _run(["dvc", "repro"], repo, env)
     assert "Running stage 'benchmark'" in third
     assert third.count("Running stage") == 1
+
+    digests = {f.name: f.read_bytes() for f in lens.rglob("*.tar")}
+    remote = repo.parent / "remote"
+    _run(["dvc", "remote", "add", "-d", "local", str(remote)], repo, env)
+    _run(["dvc", "push"], repo, env)
+    shutil.rmtree(lens)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    _run(["dvc", "pull", "extract@toy-detector-test"], repo, env)
+    assert {f.name: f.read_bytes() for f in lens.rglob("*.tar")} == digests
+    assert "OK:" in _run(["blueglass", "lens", "verify", str(lens)], repo, env)

@@ -96,7 +96,10 @@ def test_dvc_repro_end_to_end(scratch_repo):
     extract_run = client.search_runs(
         [client.get_experiment_by_name("blueglass-smoke").experiment_id], "tags.lens = 'toy-detector-test'"
     )[0]
-    assert extract_run.data.metrics["rows"] > 0 and extract_run.data.tags["dvc.stage"] == "extract@toy-detector-test"
+    assert (
+        extract_run.data.metrics["rows"] > 0
+        and extract_run.data.tags["dvc.stage"] == "extract@toy-detector-test"
+    )
     assert any(i.dataset.name == "lens-toy-detector-test" for i in extract_run.inputs.dataset_inputs)
     shown = _run(["dvc", "metrics", "show"], repo, env)
     assert "AP50" in shown and "accuracy" in shown

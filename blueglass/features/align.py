@@ -94,12 +94,12 @@ def greedy_tp(
 ) -> np.ndarray:
     """COCO-style matching: kept predictions by descending score each take the best unmatched GT of their class."""
     tp = np.zeros(len(pred.scores), np.int8)
-    ious = box_iou(pred.boxes_xyxy, gt_boxes)
+    kept = np.flatnonzero(pred.kept)
+    ious = box_iou(pred.boxes_xyxy[kept], gt_boxes)
     taken = np.zeros(len(gt_boxes), bool)
-    for p in np.argsort(-pred.scores, kind="stable"):
-        if not pred.kept[p]:
-            continue
-        cand = np.where((gt_classes == pred.labels[p]) & ~taken, ious[p], -1.0)
+    for i in np.argsort(-pred.scores[kept], kind="stable"):
+        p = kept[i]
+        cand = np.where((gt_classes == pred.labels[p]) & ~taken, ious[i], -1.0)
         if len(cand) and cand.max() >= iou_threshold:
             g = int(cand.argmax())
             taken[g] = True
@@ -116,70 +116,116 @@ def image_metadata(
     iou_threshold: float = 0.5,
 ) -> np.ndarray:
     """The metadata records of one image's tokens at one point."""
-    meta = np.zeros(n_tokens, meta_dtype(list(concepts)))
+    return batch_metadata(
+        [record], n_tokens, grid, concepts, [preds] if preds is not None else None, iou_threshold
+    )
+
+
+def _pad_objects(records: Sequence[ImageRecord], concepts: dict[str, list[str]]):
+    """GT boxes ``[n, G, 4]`` (NaN-padded), classes ``[n, G]`` and concept indices ``[n, G, C]`` (-1 pads)."""
+    g = max([len(r.annotations) for r in records] + [1])
+    boxes = np.full((len(records), g, 4), np.nan, np.float32)
+    classes = np.full((len(records), g), -1, np.int64)
+    cidx = np.full((len(records), g, len(concepts)), -1, np.int16)
+    for i, r in enumerate(records):
+        for j, a in enumerate(r.annotations):
+            boxes[i, j] = a.xyxy
+            classes[i, j] = a.category_id
+            for k, c in enumerate(concepts):
+                v = a.attributes.get(c)
+                cidx[i, j, k] = concepts[c].index(v) if v in concepts[c] else -1
+    return boxes, classes, cidx
+
+
+def _batched_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[n, P, 4]`` × ``[n, G, 4]`` → ``[n, P, G]`` IoU (NaN boxes give 0)."""
+    lt = np.maximum(a[:, :, None, :2], b[:, None, :, :2])
+    rb = np.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[..., 2:] - a[..., :2]).clip(0).prod(-1)
+    area_b = (b[..., 2:] - b[..., :2]).clip(0).prod(-1)
+    iou = inter / np.maximum(area_a[:, :, None] + area_b[:, None, :] - inter, 1e-9)
+    return np.nan_to_num(iou, nan=0.0).astype(np.float32)
+
+
+def batch_metadata(
+    records: Sequence[ImageRecord],
+    n_tokens: int,
+    grid: int | None,
+    concepts: dict[str, list[str]],
+    preds: Sequence[TokenPredictions] | None = None,
+    iou_threshold: float = 0.5,
+) -> np.ndarray:
+    """The metadata records of a batch of images (``len(records) · n_tokens`` rows, image-major)."""
+    n = len(records)
+    meta = np.zeros((n, n_tokens), meta_dtype(list(concepts)))
     kind, row, col = token_layout(n_tokens, grid)
-    meta["image_id"] = record.id
-    meta["token_id"] = np.arange(n_tokens)
-    meta["token_kind"], meta["row"], meta["col"] = kind, row, col
+    meta["image_id"] = np.array([r.id for r in records])[:, None]
+    meta["token_id"] = np.arange(n_tokens)[None, :]
+    meta["token_kind"], meta["row"], meta["col"] = kind[None], row[None], col[None]
     for f in ("pred_class", "gt_index", "gt_class", "cover_index", "cover_class", *concepts):
         meta[f] = -1
-    anns = record.annotations
-    gt_boxes = np.array([a.xyxy for a in anns], np.float32).reshape(-1, 4)
-    gt_classes = np.array([a.category_id for a in anns], np.int64)
-    concept_idx = np.array(
-        [
-            [
-                concepts[c].index(a.attributes[c]) if a.attributes.get(c) in concepts[c] else -1
-                for c in concepts
-            ]
-            for a in anns
-        ],
-        np.int16,
-    ).reshape(len(anns), len(concepts))
+    boxes, classes, cidx = _pad_objects(records, concepts)
+    n_obj = np.array([len(r.annotations) for r in records])
 
     def set_concepts(tokens: np.ndarray, objects: np.ndarray) -> None:
-        ok = objects >= 0
-        for j, c in enumerate(concepts):
-            meta[c][tokens[ok]] = concept_idx[objects[ok], j]
+        """``objects`` ``[n, len(tokens)]``: object index per image and token (-1 = none)."""
+        vals = np.take_along_axis(cidx, objects.clip(0)[..., None], axis=1)  # [n, t, C]
+        vals[objects < 0] = -1
+        for k, c in enumerate(concepts):
+            meta[c][:, tokens] = vals[..., k]
 
-    # patch tokens: the object covering the patch centre
     patches = np.flatnonzero(kind == PATCH)
-    if grid and len(patches) and len(anns):
-        cx = (col[patches] + 0.5) * record.width / grid
-        cy = (row[patches] + 0.5) * record.height / grid
-        inside = (
-            (cx[:, None] >= gt_boxes[None, :, 0])
-            & (cx[:, None] < gt_boxes[None, :, 2])
-            & (cy[:, None] >= gt_boxes[None, :, 1])
-            & (cy[:, None] < gt_boxes[None, :, 3])
+    if grid and len(patches):
+        w = np.array([r.width for r in records], np.float32)[:, None, None]
+        h = np.array([r.height for r in records], np.float32)[:, None, None]
+        cx = (col[patches][None, :, None] + 0.5) * w / grid  # [n, t, 1]
+        cy = (row[patches][None, :, None] + 0.5) * h / grid
+        with np.errstate(invalid="ignore"):
+            inside = (
+                (cx >= boxes[:, None, :, 0])
+                & (cx < boxes[:, None, :, 2])
+                & (cy >= boxes[:, None, :, 1])
+                & (cy < boxes[:, None, :, 3])
+            )  # [n, t, G]
+        area = np.nan_to_num((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]), nan=np.inf)
+        cover = np.where(inside, area[:, None, :], np.inf).argmin(-1)
+        cover[~inside.any(-1)] = -1
+        meta["cover_index"][:, patches] = cover
+        meta["cover_class"][:, patches] = np.where(
+            cover >= 0, np.take_along_axis(classes, cover.clip(0), 1), -1
         )
-        area = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])
-        cover = np.where(inside, area[None, :], np.inf).argmin(1)
-        cover[~inside.any(1)] = -1
-        meta["cover_index"][patches] = cover
-        meta["cover_class"][patches] = np.where(cover >= 0, gt_classes[cover.clip(0)], -1)
         set_concepts(patches, cover)
     cls_tokens = np.flatnonzero(kind == CLS)
-    if len(anns) == 1 and len(cls_tokens):
-        set_concepts(cls_tokens, np.zeros(len(cls_tokens), np.int64))
+    if len(cls_tokens):
+        single = np.where(n_obj == 1, 0, -1)[:, None].repeat(len(cls_tokens), 1)
+        set_concepts(cls_tokens, single)
 
-    # prediction tokens: the detector's predictions belong to the patch (or query) tokens, in order
     if preds is not None:
-        pred_tokens = patches if len(patches) == len(preds.scores) else np.flatnonzero(kind != CLS)
-        if len(pred_tokens) == len(preds.scores):
-            meta["pred_box"][pred_tokens] = preds.boxes_xyxy
-            meta["pred_score"][pred_tokens] = preds.scores
-            meta["pred_class"][pred_tokens] = preds.labels
-            meta["kept"][pred_tokens] = preds.kept
-            if len(anns):
-                ious = box_iou(preds.boxes_xyxy, gt_boxes)
-                best = ious.argmax(1)
-                meta["gt_index"][pred_tokens] = best
-                meta["gt_class"][pred_tokens] = gt_classes[best]
-                meta["iou"][pred_tokens] = ious[np.arange(len(best)), best]
-                meta["tp"][pred_tokens] = greedy_tp(preds, gt_boxes, gt_classes, iou_threshold)
-                queries = pred_tokens[kind[pred_tokens] == QUERY]
-                if len(queries):
-                    matched = np.where(meta["iou"][queries] >= iou_threshold, meta["gt_index"][queries], -1)
-                    set_concepts(queries, matched)
-    return meta
+        n_pred = len(preds[0].scores)
+        pred_tokens = patches if len(patches) == n_pred else np.flatnonzero(kind != CLS)
+        if len(pred_tokens) == n_pred:
+            pb = np.stack([p.boxes_xyxy for p in preds]).astype(np.float32)  # [n, P, 4]
+            meta["pred_box"][:, pred_tokens] = pb
+            meta["pred_score"][:, pred_tokens] = np.stack([p.scores for p in preds])
+            meta["pred_class"][:, pred_tokens] = np.stack([p.labels for p in preds])
+            meta["kept"][:, pred_tokens] = np.stack([p.kept for p in preds])
+            ious = _batched_iou(pb, boxes)  # [n, P, G]
+            has_gt = n_obj > 0
+            best = ious.argmax(-1)
+            best_iou = np.take_along_axis(ious, best[..., None], -1)[..., 0]
+            meta["gt_index"][:, pred_tokens] = np.where(has_gt[:, None], best, -1)
+            meta["gt_class"][:, pred_tokens] = np.where(
+                has_gt[:, None], np.take_along_axis(classes, best, 1), -1
+            )
+            meta["iou"][:, pred_tokens] = np.where(has_gt[:, None], best_iou, 0.0)
+            for i, p in enumerate(preds):
+                if n_obj[i]:
+                    meta["tp"][i, pred_tokens] = greedy_tp(
+                        p, boxes[i, : n_obj[i]], classes[i, : n_obj[i]], iou_threshold
+                    )
+            queries = pred_tokens[kind[pred_tokens] == QUERY]
+            if len(queries):
+                matched = np.where(meta["iou"][:, queries] >= iou_threshold, meta["gt_index"][:, queries], -1)
+                set_concepts(queries, matched)
+    return meta.reshape(-1)

@@ -23,7 +23,7 @@ import torch
 
 import blueglass
 from blueglass.data import CocoDataset
-from blueglass.features.align import KIND_NAMES, image_metadata, meta_dtype, token_layout
+from blueglass.features.align import KIND_NAMES, batch_metadata, meta_dtype, token_layout
 from blueglass.features.lens import MANIFEST, LensWriter, merge_parts, write_manifest
 from blueglass.features.recorder import Recorder, resolve_points
 from blueglass.models.base import ModelAdapter
@@ -34,6 +34,22 @@ def _barrier(world: int) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def _batch_metadata(
+    recs, t, grid, concepts, preds, iou_threshold, known: dict[int, np.ndarray]
+) -> np.ndarray:
+    """Metadata rows of a batch for a layout of ``t`` tokens per image.
+
+    A patches-only layout is the CLS+patches layout without its first row, so it is derived from an
+    already computed one instead of aligning every image again.
+    """
+    richer = known.get(t + 1)
+    if richer is not None and grid and t == grid * grid:
+        rows = richer.reshape(len(recs), t + 1)[:, 1:].reshape(-1).copy()
+        rows["token_id"] -= 1
+        return rows
+    return batch_metadata(recs, t, grid, concepts, preds, iou_threshold)
 
 
 def lens_md5(root: Path) -> str:
@@ -94,6 +110,7 @@ def record_lens(
                 if adapter.task == "detection":
                     dets = adapter.postprocess(outputs, sizes)
                     preds = adapter.token_predictions(outputs, dets, sizes)
+                metas: dict[int, np.ndarray] = {}  # tokens per image → this batch's metadata rows
                 for p in points:
                     a = acts[p.name]  # [n, T, d]
                     t = a.shape[1]
@@ -106,10 +123,9 @@ def record_lens(
                             "d": int(a.shape[2]),
                         }
                     block_acts[p.name].append(a.reshape(-1, a.shape[2]).numpy())
-                    for j, r in enumerate(recs):
-                        block_meta[p.name].append(
-                            image_metadata(r, t, grid, concepts, preds[j] if preds else None, iou_threshold)
-                        )
+                    if t not in metas:  # points with the same token layout share their metadata rows
+                        metas[t] = _batch_metadata(recs, t, grid, concepts, preds, iou_threshold, metas)
+                    block_meta[p.name].append(metas[t])
                 if tick:
                     tick(len(recs))
             if writer is None:

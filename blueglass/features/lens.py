@@ -72,6 +72,26 @@ def sha256_file(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- writing
+class _HashingFile:
+    """A write-only file that hashes what passes through (no second read of the shard)."""
+
+    def __init__(self, fh: Any):
+        self.fh = fh
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.fh.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        self.fh.close()
+
+
 @dataclass
 class _PointState:
     folder: Path
@@ -82,6 +102,7 @@ class _PointState:
     norm_sum: float = 0.0
     shards: list[dict[str, Any]] = field(default_factory=list)
     tar: tarfile.TarFile | None = None
+    sink: _HashingFile | None = None
     tmp: Path | None = None
     shard_rows: int = 0
     shard_images: int = 0
@@ -120,6 +141,8 @@ class LensWriter:
     def add_block(
         self, block_index: int, acts: Mapping[str, np.ndarray], meta: Mapping[str, np.ndarray]
     ) -> None:
+        import torch
+
         key = f"{block_index:08d}"
         for p, st in self.state.items():
             feats = np.ascontiguousarray(acts[p], dtype=self.dtype)
@@ -130,13 +153,15 @@ class LensWriter:
                 )
             if st.tar is None:
                 st.tmp = st.folder / f".{self._shard_name()}.tmp"
-                st.tar = tarfile.open(st.tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in _finish_shards)
+                st.sink = _HashingFile(open(st.tmp, "wb"))  # noqa: SIM115 (closed in _finish_shards)
+                st.tar = tarfile.open(fileobj=st.sink, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
             _add_member(st.tar, f"{key}.feats.npy", _npy_bytes(feats))
             _add_member(st.tar, f"{key}.meta.npy", _npy_bytes(m))
             n_img = len(np.unique(m["image_id"]))
-            f64 = feats.astype(np.float64)
-            st.sum = f64.sum(0) if st.sum is None else st.sum + f64.sum(0)
-            st.norm_sum += float(np.linalg.norm(f64, axis=1).sum())
+            f32 = torch.from_numpy(feats).float()  # torch: multi-threaded, no float64 copy of the block
+            col_sum = f32.sum(0, dtype=torch.float64).numpy()
+            st.sum = col_sum if st.sum is None else st.sum + col_sum
+            st.norm_sum += float(torch.linalg.vector_norm(f32, dim=1).sum(dtype=torch.float64))
             st.rows += len(feats)
             st.images += n_img
             st.shard_rows += len(feats)
@@ -150,18 +175,19 @@ class LensWriter:
             if st.tar is None:
                 continue
             st.tar.close()
+            st.sink.close()
             final = st.folder / self._shard_name()
             st.tmp.rename(final)
             st.shards.append(
                 {
                     "file": f"{st.folder.name}/{final.name}",
-                    "sha256": sha256_file(final),
-                    "bytes": final.stat().st_size,
+                    "sha256": st.sink.sha256.hexdigest(),
+                    "bytes": st.sink.size,
                     "rows": st.shard_rows,
                     "images": st.shard_images,
                 }
             )
-            st.tar, st.tmp, st.shard_rows, st.shard_images = None, None, 0, 0
+            st.tar, st.sink, st.tmp, st.shard_rows, st.shard_images = None, None, None, 0, 0
         self.blocks_in_shard = 0
         self.shard_index += 1
 

@@ -176,24 +176,18 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _references(self) -> Params:
-        for i, run in enumerate(self.benchmark.runs):
-            if run.model not in self.models:
+        """Benchmark runs and Lenses must name a configured model and split."""
+        refs = [(f"benchmark.runs.{i}", r.model, r.split) for i, r in enumerate(self.benchmark.runs)]
+        refs += [
+            (f"extract.lenses.{n}", s.model, s.split)
+            for n, s in (self.extract.lenses if self.extract else {}).items()
+        ]
+        for where, model, split in refs:
+            if model not in self.models:
+                raise ValueError(f"{where}.model: unknown model '{model}' (models: {', '.join(self.models)})")
+            if split not in self.dataset.splits:
                 raise ValueError(
-                    f"benchmark.runs.{i}.model: unknown model '{run.model}' (models: {', '.join(self.models)})"
-                )
-            if run.split not in self.dataset.splits:
-                raise ValueError(
-                    f"benchmark.runs.{i}.split: unknown split '{run.split}' "
-                    f"(splits: {', '.join(self.dataset.splits)})"
-                )
-        for name, lens in (self.extract.lenses if self.extract else {}).items():
-            if lens.model not in self.models:
-                raise ValueError(
-                    f"extract.lenses.{name}.model: unknown model '{lens.model}' (models: {', '.join(self.models)})"
-                )
-            if lens.split not in self.dataset.splits:
-                raise ValueError(
-                    f"extract.lenses.{name}.split: unknown split '{lens.split}' (splits: {', '.join(self.dataset.splits)})"
+                    f"{where}.split: unknown split '{split}' (splits: {', '.join(self.dataset.splits)})"
                 )
         return self
 

@@ -54,6 +54,11 @@ BAD = [
         "models.toy-detector: Input tag 'yolo' found using 'kind' does not match",
     ),
     (lambda r: r.update(extra_section={}), "extra_section: unknown key"),
+    (
+        lambda r: r["extract"]["lenses"]["toy-vlm-test_single"].update(split="holdout"),
+        "extract.lenses.toy-vlm-test_single.split: unknown split 'holdout'",
+    ),
+    (lambda r: r["extract"].update(dtype="int8"), "extract.dtype: Input should be 'float16' or 'float32'"),
     (lambda r: r["runtime"].update(device="tpu"), "runtime.device: Input should be 'auto', 'cpu' or 'cuda'"),
     (
         lambda r: r["models"]["toy-detector"]["vit"].update(hidden_size=130, heads=4),

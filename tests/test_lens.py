@@ -263,3 +263,23 @@ def test_two_process_extraction_matches_single(smoke_project):
         o2 = np.lexsort((mm["token_id"], mm["image_id"]))
         assert np.array_equal(meta[o1], mm[o2])
         np.testing.assert_allclose(feats[o1].astype(np.float32), mf[o2].astype(np.float32), atol=2e-2)
+
+
+def test_cli_unknown_point_is_one_line_and_writes_nothing(smoke_project):
+    bad = smoke_project / "params-bad-point.yaml"
+    bad.write_text(
+        (smoke_project / "params.yaml").read_text().replace('points: ["resid.0"]', 'points: ["resid.9"]')
+    )
+    env = {**os.environ, "BLUEGLASS_ROOT": str(smoke_project)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "blueglass.cli", "extract", "toy-vlm-test_single", "--params", str(bad)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown hook point 'resid.9' (valid: ")
+    assert not (smoke_project / "lens" / "toy-vlm-test_single").exists()
+    assert not (smoke_project / "lens" / ".toy-vlm-test_single.tmp").exists()

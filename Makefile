@@ -44,7 +44,7 @@ benchmark: install init
 
 ui: install
 	@echo "MLflow UI on http://127.0.0.1:$(UI_PORT) (Ctrl-C to stop)"
-	mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
 	  --default-artifact-root "$(CURDIR)/mlruns" --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 lint: install

@@ -1,0 +1,1 @@
+"""Interpretability models trained on Lens datasets: sparse autoencoders (and, next, linear probes)."""

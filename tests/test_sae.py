@@ -29,7 +29,7 @@ def fit(sae, x, steps=1500, lr=3e-3, batch=512, seed=0):
     torch.manual_seed(seed)
     sae.init_from_data(x[:4096])
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    for step in range(steps):
+    for _ in range(steps):
         xb = x[torch.randint(0, len(x) - 2048, (batch,))]
         out = sae.training_step(xb)
         opt.zero_grad()

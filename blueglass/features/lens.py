@@ -431,6 +431,7 @@ class TokenLoader:
     worker) takes its own shards; rows of ``buffer_blocks`` consecutive blocks are pooled and permuted, so
     every row is read exactly once per epoch in an order that changes with the epoch and the seed. Yields
     ``{"feats": Tensor[B, d], <meta column>: Tensor[B] …}``; use ``DataLoader(loader, batch_size=None)``.
+    ``shards`` restricts the loader to a subset of the point's shards (e.g. all but a held-out one).
     """
 
     def __init__(
@@ -447,8 +448,10 @@ class TokenLoader:
         columns: Sequence[str] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        shards: Sequence[Mapping[str, Any]] | None = None,
     ):
         self.lens = lens if isinstance(lens, Lens) else Lens(lens)
+        self.shard_subset = list(shards) if shards is not None else None
         self.point = point
         self.lens.point(point)
         self.batch_size = batch_size
@@ -467,7 +470,7 @@ class TokenLoader:
     def my_shards(self) -> list[dict[str, Any]]:
         import torch.utils.data as tud
 
-        shards = self.lens.shards(self.point)
+        shards = self.shard_subset if self.shard_subset is not None else self.lens.shards(self.point)
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(shards))
             shards = [shards[i] for i in order]

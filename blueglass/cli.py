@@ -137,9 +137,12 @@ def lens_info(root: Annotated[str, typer.Argument(help="Lens folder or URL.")]) 
     lens = Lens(root)
     m = lens.manifest
     typer.echo(f"Lens {m.get('name', root)} (schema {m['schema_version']}, {m['created_by']})")
-    typer.echo(
-        f"  model:   {m['model']['name']} ({m['model']['adapter']}) weights sha256 {m['model']['weights_sha256'][:16]}…"
-    )
+    model = m["model"]
+    if model.get("control"):
+        weights = f"RANDOM INIT (seed {model['control']['seed']}) of weights {model['control']['random_init_of'][:16]}…"
+    else:
+        weights = f"weights sha256 {model['weights_sha256'][:16]}…"
+    typer.echo(f"  model:   {model['name']} ({model['adapter']}) {weights}")
     ds = m["dataset"]
     typer.echo(
         f"  dataset: {ds['name']}/{ds['split']} ({ds['images']} images) fingerprint {ds['fingerprint'][:16]}…"

@@ -155,6 +155,8 @@ class LensSpec(Strict):
     model: Slug
     split: Slug
     points: list[str] = Field(min_length=1)
+    control: bool = Field(False, description="record a randomly initialised copy of the model instead")
+    control_seed: int = Field(0, ge=0)
 
 
 class ExtractParams(Strict):

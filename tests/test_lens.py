@@ -290,3 +290,25 @@ def test_cli_unknown_point_is_one_line_and_writes_nothing(smoke_project):
     assert len(lines) == 1 and lines[0].startswith("error: unknown hook point 'resid.9' (valid: ")
     assert not (smoke_project / "lens" / "toy-vlm-test_single").exists()
     assert not (smoke_project / "lens" / ".toy-vlm-test_single.tmp").exists()
+
+
+def test_control_lens_records_a_random_copy(smoke_project):
+    trained = Lens(_extract(smoke_project)[1])
+    trained_rows = trained.load_point("vit.layers.0")[0]
+    manifest, out, adapter, ds = _extract(smoke_project, block_images=4)
+    adapter.reinitialize(7)
+    control = Lens(
+        record_lens(adapter, ds, ["resid.0"], smoke_project / "lens" / "control", block_images=4)
+        and smoke_project / "lens" / "control"
+    )
+    assert control.manifest["model"]["control"]["seed"] == 7
+    assert control.manifest["model"]["weights_sha256"] is None
+    assert control.manifest["model"]["name"].endswith("-random")
+    rows = control.load_point("vit.layers.0")[0]
+    assert rows.shape == trained_rows.shape and not np.array_equal(rows, trained_rows)
+    proc = subprocess.run(
+        [sys.executable, "-m", "blueglass.cli", "lens", "info", str(control.root)],
+        capture_output=True,
+        text=True,
+    )
+    assert "RANDOM INIT (seed 7)" in proc.stdout

@@ -159,6 +159,7 @@ def record_lens(
         return None
 
     infos = [json.loads(f.read_text()) for f in sorted((tmp / "parts").glob("rank-*.json"))]
+    control_seed = getattr(adapter, "control_seed", None)
     all_layouts: dict[str, Any] = {}
     for info in infos:
         all_layouts.update(info["layouts"])
@@ -185,7 +186,10 @@ def record_lens(
             "name": adapter.name,
             "adapter": type(adapter).__name__,
             "task": adapter.task,
-            "weights_sha256": adapter.weights_sha256,
+            "weights_sha256": None if control_seed is not None else adapter.weights_sha256,
+            "control": None
+            if control_seed is None
+            else {"seed": control_seed, "random_init_of": adapter.weights_sha256},
         },
         "block_images": block_images,
         "blocks_per_shard": blocks_per_shard,

@@ -83,6 +83,15 @@ class ClipAdapter:
             "image_embeds": "visual_projection"
         }
 
+    def reinitialize(self, seed: int) -> None:
+        """Replace the weights by a fresh random initialisation (the control for probes and SAEs)."""
+        torch.manual_seed(seed)
+        self.module = CLIPModel(self.module.config).eval().to(self.device)
+        self.name = f"{self.name}-random"
+        self.control_seed = seed
+        if self.prompts:
+            self.set_prompts(self.prompts)
+
     def hook_points(self) -> list[HookPoint]:
         blank = [np.zeros((self.image_size, self.image_size, 3), np.uint8)]
         return trace_hook_points(self.module, lambda: self.forward(self.preprocess(blank)))

@@ -224,6 +224,13 @@ class DetectorAdapter:
             )
         return out
 
+    def reinitialize(self, seed: int) -> None:
+        """Replace the weights by a fresh random initialisation (the control for probes and SAEs)."""
+        torch.manual_seed(seed)
+        self.module = ToyDetector(self.module.vit_config, len(self.classes)).eval().to(self.device)
+        self.name = f"{self.name}-random"
+        self.control_seed = seed
+
     def hook_points(self) -> list[HookPoint]:
         blank = [np.zeros((self.image_size, self.image_size, 3), np.uint8)]
         return trace_hook_points(self.module, lambda: self.forward(self.preprocess(blank)))

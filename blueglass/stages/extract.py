@@ -45,6 +45,8 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any] | None:
     from blueglass.models import load_adapter
 
     adapter = load_adapter(folder, device=rt["device"])
+    if spec.control:
+        adapter.reinitialize(spec.control_seed)
     out = base / "lens" / name
     per_rank = len(range(rank, -(-len(ds) // ep.block_images), world)) * ep.block_images
     with progress() as bar:

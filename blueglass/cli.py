@@ -128,6 +128,44 @@ def extract(
         )
 
 
+@app.command()
+@user_errors
+def probe(
+    name: Annotated[str, typer.Argument(help="A key of probe.runs.")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Train linear probes on every point of a Lens (and its random-init control); write the per-layer curve."""
+    p, base = _load(params)
+    from blueglass.stages import probe as stage
+
+    out = stage.run(p, base, name)
+    for row in out["curve"]:
+        cells = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("depth", "point") and not k.endswith("_control"))
+        typer.echo(f"{row['point']}: {cells}")
+    for reg, v in out["registered"].items():
+        typer.echo(f"registered {reg} v{v['version']} as {v['alias']}")
+
+
+@app.command()
+@user_errors
+def sae(
+    name: Annotated[str, typer.Argument(help="A key of sae.runs.")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Train a sparse autoencoder on one Lens point (Lightning; DDP under torchrun) and register it."""
+    p, base = _load(params)
+    from blueglass.stages import sae as stage
+
+    s = stage.run(p, base, name)
+    if s:
+        rec = ", ".join(f"{c} {v:.3f}" for c, v in s["concept_recovery"].items())
+        typer.echo(
+            f"{name}: fvu {s['fvu']:.3f}, l0 {s['l0']:.1f}, dead {s['dead_frac']:.1%}, dense {s['dense_frac']:.1%}"
+            + (f"; concept recovery (mean best-latent AUROC) {rec}" if rec else "")
+            + f"; registered {s['registry']['name']} v{s['registry']['version']} as {s['registry']['alias']}"
+        )
+
+
 @lens_app.command("info")
 @user_errors
 def lens_info(root: Annotated[str, typer.Argument(help="Lens folder or URL.")]) -> None:

@@ -168,6 +168,57 @@ class ExtractParams(Strict):
     lenses: dict[Slug, LensSpec] = Field(min_length=1)
 
 
+class ProbeRun(Strict):
+    """Linear probes on every point of a Lens, next to the same probes on its random-init control Lens."""
+
+    lens: Slug
+    control: Slug | None = None
+    targets: list[str] = Field(
+        default_factory=lambda: [
+            "color",
+            "shape",
+            "size",
+            "cover_class",
+            "gt_class",
+            "pred_class",
+            "tp",
+            "pred_box",
+        ]
+    )
+    register_points: list[str] = Field(default_factory=list, description="points whose probes are registered")
+    register_targets: list[str] = Field(default_factory=list)
+
+
+class ProbeParams(Strict):
+    l2: float = Field(1e-3, ge=0, le=10)
+    learned_margin: float = Field(
+        0.05, ge=0, le=1, description="trained − control needed to call a concept learned"
+    )
+    runs: dict[Slug, ProbeRun] = Field(min_length=1)
+
+
+class SaeRun(Strict):
+    lens: Slug
+    point: str
+    variant: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"] = "topk"
+    expansion: int = Field(8, ge=1, le=1024)
+    k: int = Field(32, ge=1)
+    l1_coeff: float = Field(5.0, ge=0)
+    l0_coeff: float = Field(0.1, ge=0)
+    aux_k: int = Field(256, ge=0)
+    dead_tokens: int = Field(100_000, ge=1)
+    steps: int = Field(300, gt=0, le=10_000_000)
+    batch_size: int = Field(4096, gt=0, le=1_000_000)
+    lr: float | None = Field(None, gt=0, le=1)
+    seed: int = Field(0, ge=0)
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "64-true"] = "32-true"
+    devices: int = Field(1, ge=1, le=64)
+
+
+class SaeParams(Strict):
+    runs: dict[Slug, SaeRun] = Field(min_length=1)
+
+
 class Params(Strict):
     dataset: DatasetParams
     models: dict[Slug, ModelParams] = Field(min_length=1)
@@ -175,6 +226,8 @@ class Params(Strict):
     tracking: TrackingParams = TrackingParams()
     benchmark: BenchmarkParams
     extract: ExtractParams | None = None
+    probe: ProbeParams | None = None
+    sae: SaeParams | None = None
 
     @model_validator(mode="after")
     def _references(self) -> Params:
@@ -184,6 +237,21 @@ class Params(Strict):
             (f"extract.lenses.{n}", s.model, s.split)
             for n, s in (self.extract.lenses if self.extract else {}).items()
         ]
+        lenses = set(self.extract.lenses) if self.extract else set()
+        lens_refs = [
+            (f"probe.runs.{n}.lens", r.lens) for n, r in (self.probe.runs if self.probe else {}).items()
+        ]
+        lens_refs += [
+            (f"probe.runs.{n}.control", r.control)
+            for n, r in (self.probe.runs if self.probe else {}).items()
+            if r.control
+        ]
+        lens_refs += [(f"sae.runs.{n}.lens", r.lens) for n, r in (self.sae.runs if self.sae else {}).items()]
+        for where, lens in lens_refs:
+            if lens not in lenses:
+                raise ValueError(
+                    f"{where}: unknown Lens '{lens}' (extract.lenses: {', '.join(sorted(lenses)) or 'none'})"
+                )
         for where, model, split in refs:
             if model not in self.models:
                 raise ValueError(f"{where}.model: unknown model '{model}' (models: {', '.join(self.models)})")

@@ -227,12 +227,13 @@ def register_model(
     headline: str,
     tags: Mapping[str, str] | None = None,
     higher_is_better: bool = True,
+    input_dim: int | None = None,
 ) -> tuple[str, str]:
     """Log ``folder`` as a pyfunc model in the active run and register it as ``name``.
 
     Sets description and tags (``metric.<k>`` for every metric, ``headline_metric``, ``weights_sha256`` …),
     then the alias: ``champion`` when there is none or this version beats it on ``headline``, else
-    ``challenger``. Returns (version, alias).
+    ``challenger``. ``input_dim`` marks an SAE / probe (activations in). Returns (version, alias).
     """
     import mlflow
     from mlflow import MlflowClient
@@ -242,10 +243,16 @@ def register_model(
 
     from blueglass.models.base import weights_sha256
 
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "image_path")]),
-        params=ParamSchema([ParamSpec("prompts", "string", default="")]),
-    )
+    if input_dim is None:  # a base model: images in
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("string", "image_path")]),
+            params=ParamSchema([ParamSpec("prompts", "string", default="")]),
+        )
+    else:  # an SAE or probe: activations in
+        import numpy as np
+        from mlflow.types import TensorSpec
+
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, input_dim))]))
     with warnings.catch_warnings():
         # MLflow nags about type hints and input examples; the explicit signature above is the contract.
         warnings.simplefilter("ignore", UserWarning)

@@ -59,6 +59,18 @@ BAD = [
         "extract.lenses.toy-vlm-test_single.split: unknown split 'holdout'",
     ),
     (lambda r: r["extract"].update(dtype="int8"), "extract.dtype: Input should be 'float16' or 'float32'"),
+    (
+        lambda r: r["sae"]["runs"]["toy-detector-l3-topk"].update(variant="gated"),
+        "sae.runs.toy-detector-l3-topk.variant: Input should be 'relu', 'topk', 'batchtopk', 'jumprelu' or 'matryoshka'",
+    ),
+    (
+        lambda r: r["sae"]["runs"]["toy-detector-l3-topk"].update(lr=-0.001),
+        "sae.runs.toy-detector-l3-topk.lr: Input should be greater than 0 (got -0.001)",
+    ),
+    (
+        lambda r: r["probe"]["runs"]["toy-detector"].update(control="nope"),
+        "probe.runs.toy-detector.control: unknown Lens 'nope'",
+    ),
     (lambda r: r["runtime"].update(device="tpu"), "runtime.device: Input should be 'auto', 'cpu' or 'cuda'"),
     (
         lambda r: r["models"]["toy-detector"]["vit"].update(hidden_size=130, heads=4),

@@ -51,6 +51,9 @@ def test_dvc_repro_end_to_end(scratch_repo):
         "benchmark",
         "extract@toy-detector-test",
         "extract@toy-vlm-test_single",
+        "extract@toy-detector-test-random",
+        "probe@toy-detector",
+        "sae@toy-detector-l0-topk",
     ):
         assert f"Running stage '{stage}'" in first
 
@@ -94,7 +97,8 @@ def test_dvc_repro_end_to_end(scratch_repo):
     lens = repo / "lens" / "toy-detector-test"
     assert "OK:" in _run(["blueglass", "lens", "verify", str(lens)], repo, env)
     extract_run = client.search_runs(
-        [client.get_experiment_by_name("blueglass-smoke").experiment_id], "tags.lens = 'toy-detector-test'"
+        [client.get_experiment_by_name("blueglass-smoke").experiment_id],
+        "tags.lens = 'toy-detector-test' and tags.`blueglass.stage` = 'extract'",
     )[0]
     assert (
         extract_run.data.metrics["rows"] > 0
@@ -102,7 +106,21 @@ def test_dvc_repro_end_to_end(scratch_repo):
     )
     assert any(i.dataset.name == "lens-toy-detector-test" for i in extract_run.inputs.dataset_inputs)
     shown = _run(["dvc", "metrics", "show"], repo, env)
-    assert "AP50" in shown and "accuracy" in shown
+    assert "AP50" in shown and "accuracy" in shown and "fvu" in shown and "control_accuracy" in shown
+
+    # probes and SAEs: per-layer curve, DVC plots, registry entries
+    curve = (repo / "plots" / "probe_toy-detector.csv").read_text().splitlines()
+    assert curve[0].startswith("depth,point,") and "color_control" in curve[0] and len(curve) == 1 + 3
+    _run(["dvc", "plots", "show", "-o", str(repo / "dvc_plots")], repo, env)
+    assert (repo / "dvc_plots" / "index.html").is_file()
+    probe_v = client.get_model_version_by_alias("toy-detector.vit.layers.0.probe-color", "champion")
+    sae_v = client.get_model_version_by_alias("toy-detector.vit.layers.0.sae-topk", "champion")
+    assert (
+        "metric.accuracy" in probe_v.tags
+        and "metric.fvu" in sae_v.tags
+        and sae_v.tags["headline_metric"] == "fvu"
+    )
+    assert (repo / "models" / "saes" / "toy-detector-l0-topk" / "cfg.json").is_file()
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["benchmark"]["batch_size"] = 5

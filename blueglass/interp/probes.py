@@ -94,6 +94,58 @@ class ProbeResult:
     n_train: int = 0
     n_test: int = 0
 
+    def save(self, folder, **extra: Any):
+        """``probe.json`` (target, kind, classes, metrics, lineage) + ``probe.safetensors`` (weight, bias)."""
+        import json
+        from pathlib import Path
+
+        from safetensors.numpy import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = {
+            "target": self.target,
+            "kind": self.kind,
+            "classes": self.classes,
+            "metrics": self.metrics,
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+            **extra,
+        }
+        (folder / "probe.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        save_file(
+            {
+                "weight": np.ascontiguousarray(self.weight, np.float32),
+                "bias": np.ascontiguousarray(self.bias, np.float32),
+            },
+            str(folder / "probe.safetensors"),
+        )
+        return folder
+
+    @classmethod
+    def load(cls, folder) -> ProbeResult:
+        import json
+        from pathlib import Path
+
+        from safetensors.numpy import load_file
+
+        cfg = json.loads((Path(folder) / "probe.json").read_text())
+        t = load_file(str(Path(folder) / "probe.safetensors"))
+        return cls(
+            cfg["target"],
+            cfg["kind"],
+            cfg["metrics"],
+            t["weight"],
+            t["bias"],
+            cfg["classes"],
+            cfg["n_train"],
+            cfg["n_test"],
+        )
+
+    def predict(self, feats: np.ndarray) -> np.ndarray:
+        """Scores ``[rows, classes]`` (classification) or predictions ``[rows, outputs]`` (regression)."""
+        return feats.astype(np.float32) @ self.weight.T + self.bias
+
     def direction(self, cls: int | None = None) -> np.ndarray:
         """A unit steering direction: the weight row of ``cls`` (or the first/only row)."""
         row = self.weight[self.classes.index(cls)] if cls is not None else self.weight[0]

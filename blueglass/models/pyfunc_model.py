@@ -1,7 +1,8 @@
 """MLflow pyfunc model *defined from code*: loads a BlueGlass model folder through its adapter.
 
-MLflow executes this file at load time (no cloudpickle). Input: a DataFrame with an ``image_path``
-column. Output: for detectors one row per detection (``image_index, x0, y0, x1, y1, score, label``);
+MLflow executes this file at load time (no cloudpickle). Base models take a DataFrame with an
+``image_path`` column; SAEs and probes take activations (one column per dimension) and return SAE codes
+or probe scores. Output: for detectors one row per detection (``image_index, x0, y0, x1, y1, score, label``);
 for zero-shot models, with ``params={"prompts": "a|b|c"}``, one row per image with the logits per prompt,
 and without prompts the normalised image embedding.
 """
@@ -17,12 +18,33 @@ from PIL import Image
 
 class BlueGlassModel(PythonModel):
     def load_context(self, context):
-        from blueglass.models import load_adapter
+        from pathlib import Path
 
-        self.adapter = load_adapter(context.artifacts["model"])
+        folder = Path(context.artifacts["model"])
+        self.adapter = self.sae = self.probe = None
+        if (folder / "sae_weights.safetensors").exists():
+            from blueglass.interp.sae import SparseAutoencoder
+
+            self.sae = SparseAutoencoder.load(folder).eval()
+        elif (folder / "probe.safetensors").exists():
+            from blueglass.interp.probes import ProbeResult
+
+            self.probe = ProbeResult.load(folder)
+        else:
+            from blueglass.models import load_adapter
+
+            self.adapter = load_adapter(folder)
 
     def predict(self, context, model_input, params=None):
         import torch
+
+        if self.sae is not None or self.probe is not None:
+            # interpretability models take activations: one column per input dimension
+            feats = np.asarray(model_input, dtype=np.float32)
+            if self.probe is not None:
+                return pd.DataFrame(self.probe.predict(feats))
+            with torch.no_grad():
+                return pd.DataFrame(self.sae.encode(torch.from_numpy(feats)).numpy())
 
         paths = list(model_input["image_path"])
         images = [np.array(Image.open(p).convert("RGB")) for p in paths]

@@ -1,0 +1,75 @@
+"""probe / sae stages on the smoke project: user errors, registry round trip of an SAE."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from blueglass.config import load_params
+from blueglass.errors import BlueGlassError, ConfigError
+from blueglass.features.lens import Lens
+
+
+@pytest.fixture
+def project(smoke_project, mlflow_project, tmp_path):
+    from blueglass.stages import extract
+
+    root = tmp_path / "proj"
+    shutil.copytree(smoke_project, root, ignore=shutil.ignore_patterns("lens", "params-*.yaml"))
+    p = load_params(root / "params.yaml")
+    for name in ("toy-detector-test", "toy-detector-test-random"):
+        extract.run(p, root, name)
+    return root, p
+
+
+def _with_sae(root, **changes):
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["sae"]["runs"]["toy-detector-l0-topk"].update(changes)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    return load_params(root / "params.yaml")
+
+
+def test_sae_user_errors(project):
+    from blueglass.stages import sae
+
+    root, _ = project
+    with pytest.raises(
+        ConfigError, match=r"sae.runs.toy-detector-l0-topk: k \(500\) must be in 1..d_sae \(64\)"
+    ):
+        sae.run(_with_sae(root, k=500), root, "toy-detector-l0-topk")
+    with pytest.raises(BlueGlassError, match=r"no point 'vit.layers.7' \(points: "):
+        sae.run(_with_sae(root, k=4, point="vit.layers.7"), root, "toy-detector-l0-topk")
+    env = {**os.environ}
+    proc = subprocess.run(
+        [sys.executable, "-m", "blueglass.cli", "sae", "nope", "--params", str(root / "params.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip() == "error: sae.runs.nope: no such SAE run (runs: toy-detector-l0-topk)"
+    )
+
+
+def test_sae_and_probe_stages_register_loadable_models(project, monkeypatch):
+    from blueglass.stages import probe, sae
+
+    root, p = project
+    s = sae.run(p, root, "toy-detector-l0-topk")
+    assert s["registry"]["alias"] == "champion" and s["fvu"] >= 0 and s["steps"] == 5
+    out = probe.run(p, root, "toy-detector")
+    assert "toy-detector.vit.layers.0.probe-color" in out["registered"]
+    assert {r["point"] for r in out["curve"]} == set(Lens(root / "lens" / "toy-detector-test").points)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    feats = Lens(root / "lens" / "toy-detector-test").load_point("vit.layers.0")[0][:5].astype(np.float32)
+    codes = mlflow.pyfunc.load_model("models:/toy-detector.vit.layers.0.sae-topk@champion").predict(feats)
+    assert codes.shape == (5, 64) and ((codes.to_numpy() > 0).sum(1) <= 4).all()
+    scores = mlflow.pyfunc.load_model("models:/toy-detector.vit.layers.0.probe-color@champion").predict(feats)
+    assert scores.shape[0] == 5

@@ -140,7 +140,11 @@ def probe(
 
     out = stage.run(p, base, name)
     for row in out["curve"]:
-        cells = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("depth", "point") and not k.endswith("_control"))
+        cells = ", ".join(
+            f"{k} {v:.3f}"
+            for k, v in row.items()
+            if k not in ("depth", "point") and not k.endswith("_control")
+        )
         typer.echo(f"{row['point']}: {cells}")
     for reg, v in out["registered"].items():
         typer.echo(f"registered {reg} v{v['version']} as {v['alias']}")

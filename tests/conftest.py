@@ -100,3 +100,19 @@ def smoke_project(tmp_path_factory, tiny_detector, tiny_vlm) -> Path:
     shutil.copytree(tiny_detector, root / "models" / "toy-detector")
     shutil.copytree(tiny_vlm, root / "models" / "toy-vlm")
     return root
+
+
+def torchrun_cmd(port: int, *args: str, nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run`` with ``nproc`` CPU processes on a fixed rendezvous port."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(port),
+        *args,
+    ]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import torchrun_cmd
 
 from blueglass.data import CocoDataset
 from blueglass.features.align import meta_dtype
@@ -244,21 +245,15 @@ def test_two_process_extraction_matches_single(smoke_project):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env["BLUEGLASS_ROOT"] = str(smoke_project)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29531",
+    cmd = torchrun_cmd(
+        29531,
         "-m",
         "blueglass.cli",
         "extract",
         "toy-detector-test",
         "--params",
         str(multi_params),
-    ]
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=smoke_project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     multi = Lens(smoke_project / "lens" / "toy-detector-test")

@@ -3,12 +3,12 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from conftest import torchrun_cmd
 
 from blueglass.features.align import meta_dtype
 from blueglass.features.lens import LensWriter, merge_parts, write_manifest
@@ -58,18 +58,12 @@ def test_default_lr_rule():
 def test_ddp_two_processes_take_equal_steps_on_disjoint_shards(tmp_path):
     planted_lens(tmp_path / "lens")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29541",
+    cmd = torchrun_cmd(
+        29541,
         str(Path(__file__).parent / "ddp_train_sae.py"),
         str(tmp_path / "lens"),
         str(tmp_path),
-    ]
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))

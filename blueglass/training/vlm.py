@@ -7,8 +7,7 @@ described by a random subset of its concepts ("a photo of a red object", "a circ
 square") — and, because the toy world knows every scene, the loss knows which images each description is
 true of: a multi-positive contrastive loss over the batch's text × image matrix (a SigLIP-style sigmoid
 term plus a softmax InfoNCE term that treats every true pair as a positive). Measured on the default
-params: sigmoid alone, 600 steps → shape 0.70 zero-shot; with the InfoNCE term, 1000 steps → 0.96,
-800 steps (the default) → 0.915.
+params: sigmoid alone, 600 steps → shape 0.70 zero-shot; with the InfoNCE term, 1000 steps → 0.96.
 The text tower only ever sees captions; zero-shot prompts at benchmark time are new sentences built from
 the same words.
 """

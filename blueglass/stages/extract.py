@@ -48,11 +48,12 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any] | None:
     if spec.control:
         adapter.reinitialize(spec.control_seed)
     out = base / "lens" / name
-    per_rank = len(range(rank, -(-len(ds) // ep.block_images), world)) * ep.block_images
+    n_blocks = -(-len(ds) // ep.block_images)
+    per_rank = sum(min(ep.block_images, len(ds) - b * ep.block_images) for b in range(rank, n_blocks, world))
     with progress() as bar:
         task = bar.add_task(
             f"extract {name}" + (f" [rank {rank}]" if world > 1 else ""),
-            total=min(per_rank, len(ds)),
+            total=per_rank,
             info="",
         )
         manifest = record_lens(

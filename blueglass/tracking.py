@@ -68,9 +68,7 @@ def configure(experiment: str = "blueglass", root: Path | None = None) -> str:
     import mlflow
 
     root = root or project_root()
-    uri = tracking_uri(root)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    configure_registry_only(root)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
         return exp.experiment_id
@@ -382,9 +380,10 @@ def promote(name: str, version: str, alias: str) -> None:
     client.set_model_version_tag(name, version, "alias_reason", f"set to {alias} by hand")
 
 
-def configure_registry_only() -> None:
+def configure_registry_only(root: Path | None = None) -> None:
+    """Point MLflow's tracking and registry clients at the project's DB (no experiment needed)."""
     import mlflow
 
-    uri = tracking_uri()
+    uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

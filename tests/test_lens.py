@@ -21,6 +21,7 @@ from blueglass.features.lens import (
     LensWriter,
     RowFilter,
     TokenLoader,
+    as_torch_dataset,
     merge_parts,
     split_shards,
     write_manifest,
@@ -105,9 +106,7 @@ def test_rank_and_worker_split_covers_each_shard_once(tmp_path):
     assert sorted(np.concatenate(per_rank).tolist()) == list(range(80))
     # through a torch DataLoader with 2 workers: each worker reads its own shards
     ds = torch.utils.data.DataLoader(
-        __import__("blueglass.features.lens", fromlist=["as_torch_dataset"]).as_torch_dataset(
-            TokenLoader(tmp_path, "a", batch_size=5)
-        ),
+        as_torch_dataset(TokenLoader(tmp_path, "a", batch_size=5)),
         batch_size=None,
         num_workers=2,
     )

@@ -12,24 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-
-def _column_ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (1-based) of every column of ``x`` ``[n, m]``."""
-    n, m = x.shape
-    order = np.argsort(x, axis=0, kind="stable")
-    ranks = np.empty_like(x, dtype=np.float64)
-    sorted_x = np.take_along_axis(x, order, 0)
-    base = np.arange(1, n + 1, dtype=np.float64)[:, None].repeat(m, 1)
-    # average ties: within runs of equal sorted values, replace each rank by the run mean
-    new_run = np.vstack([np.ones((1, m), bool), sorted_x[1:] != sorted_x[:-1]])
-    run_id = np.cumsum(new_run, axis=0)
-    for j in range(m):
-        ids = run_id[:, j]
-        sums = np.bincount(ids, weights=base[:, j])
-        counts = np.bincount(ids)
-        base[:, j] = (sums / np.maximum(counts, 1))[ids]
-    np.put_along_axis(ranks, order, base, 0)
-    return ranks
+from blueglass.interp.ranks import auroc_from_ranks, average_ranks
 
 
 def best_latent_auroc(
@@ -44,14 +27,15 @@ def best_latent_auroc(
         if known.sum() < 10:
             continue
         labels = meta[concept][known]
-        ranks = _column_ranks(codes[known].astype(np.float64))
+        sub = codes[known]
+        ranks = np.column_stack([average_ranks(sub[:, j]) for j in range(sub.shape[1])])
         values = {}
         for v_idx, value in enumerate(vocab):
             pos = labels == v_idx
             n_pos, n_neg = int(pos.sum()), int((~pos).sum())
             if n_pos == 0 or n_neg == 0:
                 continue
-            auc = (ranks[pos].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+            auc = auroc_from_ranks(ranks, pos)
             best = int(np.argmax(auc))
             values[value] = {"auroc": float(auc[best]), "latent": best}
         if values:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from blueglass.features.align import CLS, PATCH
+from blueglass.interp.ranks import auroc_from_ranks, average_ranks
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,6 @@ def image_split(image_ids: np.ndarray, test_fraction: float = 0.2, seed: int = 0
     return (h % np.uint64(1000)) < int(test_fraction * 1000)
 
 
-def _average_ranks(a: np.ndarray) -> np.ndarray:
-    """1-based ranks; tied values share the average of their ranks."""
-    _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
-    upper = np.cumsum(counts)
-    return ((upper - counts + 1 + upper) / 2.0)[inverse]
-
-
 def auroc_ovr(scores: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> float:
     """Macro one-vs-rest AUROC from rank statistics (ties get average ranks); NaN without both sides."""
     aucs = []
@@ -78,8 +72,7 @@ def auroc_ovr(scores: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> fl
         n_pos, n_neg = int(pos.sum()), int((~pos).sum())
         if n_pos == 0 or n_neg == 0:
             continue
-        ranks = _average_ranks(scores[:, j])
-        aucs.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+        aucs.append(float(auroc_from_ranks(average_ranks(scores[:, j]), pos)))
     return float(np.mean(aucs)) if aucs else float("nan")
 
 

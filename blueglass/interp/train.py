@@ -145,7 +145,8 @@ def train_sae(lens_root: str | Path, point: str, cfg: SAEConfig, s: TrainSetting
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     sae.eval()
-    held = np.concatenate([b.feats for sh in held_shards for b in lens.read_shard(sh)])
+    held_blocks = [b for sh in held_shards for b in lens.read_shard(sh)]
+    held = np.concatenate([b.feats for b in held_blocks])
     metrics = reconstruction_metrics(sae, torch.from_numpy(held).float())
     metrics["dead_frac"] = sae.dead_fraction()
     with torch.no_grad():
@@ -156,6 +157,8 @@ def train_sae(lens_root: str | Path, point: str, cfg: SAEConfig, s: TrainSetting
         "sae": sae,
         "metrics": metrics,
         "firing_frequency": freq.numpy(),
+        "heldout_codes": codes.numpy(),  # [rows, d_sae] on the held-out shard(s), for concept recovery
+        "heldout_meta": np.concatenate([b.meta for b in held_blocks]),
         "steps": module.steps_taken,
         "lr": lr,
         "rank": trainer.global_rank,

@@ -54,7 +54,6 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
     except ValueError as exc:
         raise ConfigError(f"sae.runs.{name}: {exc}") from None
     rt = setup(params.runtime)
-    import torch
 
     from blueglass.interp.concepts import best_latent_auroc
     from blueglass.interp.train import TrainSettings, train_sae
@@ -76,13 +75,7 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
         return {}
     sae = res["sae"]
     metrics = dict(res["metrics"])
-    held = lens.shards(spec.point)[-1:]
-    blocks = [b for sh in held for b in lens.read_shard(sh)]
-    feats = torch.from_numpy(np.concatenate([b.feats for b in blocks])).float()
-    meta = np.concatenate([b.meta for b in blocks])
-    with torch.no_grad():
-        codes = sae.encode(feats).numpy()
-    recovery = best_latent_auroc(codes, meta, lens.manifest.get("concepts", {}))
+    recovery = best_latent_auroc(res["heldout_codes"], res["heldout_meta"], lens.manifest.get("concepts", {}))
 
     out = base / "models" / "saes" / name
     tmp = out.with_name(f".{name}.tmp")

@@ -3,7 +3,7 @@
 Columns (one structured numpy record per token; ``-1`` / ``0`` where a field does not apply):
 
 * ``image_id``, ``token_id`` (index within the point's tokens), ``token_kind`` (0 CLS, 1 patch, 2 query,
-  3 other), ``row``, ``col`` (patch grid position);
+  3 other, 4 text), ``row``, ``col`` (patch grid position);
 * detectors — the token's own prediction ``pred_box`` (xyxy, image pixels), ``pred_class`` (category id),
   ``pred_score``; ``kept`` (it survived post-processing: the detections the benchmark scores);
   ``gt_index`` / ``gt_class`` / ``iou`` (its prediction's best-overlapping ground-truth object, any class);
@@ -23,9 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from blueglass.data import ImageRecord
+from blueglass.models.base import TokenLayout
 
-CLS, PATCH, QUERY, OTHER = 0, 1, 2, 3
-KIND_NAMES = {CLS: "cls", PATCH: "patch", QUERY: "query", OTHER: "other"}
+CLS, PATCH, QUERY, OTHER, TEXT = 0, 1, 2, 3, 4
+KIND_NAMES = {CLS: "cls", PATCH: "patch", QUERY: "query", OTHER: "other", TEXT: "text"}
+
+Layout = tuple[np.ndarray, np.ndarray, np.ndarray]  # (kind, row, col) per token
 
 BASE_FIELDS: list[tuple] = [
     ("image_id", "<i8"),
@@ -74,6 +77,30 @@ def token_layout(n_tokens: int, grid: int | None) -> tuple[np.ndarray, np.ndarra
         row[off:], col[off:] = idx // grid, idx % grid
     elif n_tokens == 1:
         kind[0] = CLS
+    return kind, row, col
+
+
+def declared_layout(n_tokens: int, layout: TokenLayout) -> Layout:
+    """(kind, row, col) per token from an adapter's declared :class:`TokenLayout`.
+
+    A ``patches`` layout whose token count does not match ``prefix + rows·cols`` (e.g. a model run at
+    another input size) marks every token ``other`` rather than guess positions.
+    """
+    kind = np.full(n_tokens, OTHER, np.int8)
+    row = np.full(n_tokens, -1, np.int16)
+    col = np.full(n_tokens, -1, np.int16)
+    if layout.kind == "queries":
+        kind[:] = QUERY
+    elif layout.kind == "text":
+        kind[:] = TEXT
+    elif layout.kind == "pooled" and n_tokens == 1:
+        kind[0] = CLS
+    elif layout.kind == "patches" and n_tokens == layout.prefix + layout.rows * layout.cols:
+        if layout.prefix:
+            kind[0] = CLS  # further prefix tokens (registers) stay "other"
+        kind[layout.prefix :] = PATCH
+        idx = np.arange(layout.rows * layout.cols)
+        row[layout.prefix :], col[layout.prefix :] = idx // layout.cols, idx % layout.cols
     return kind, row, col
 
 
@@ -155,11 +182,21 @@ def batch_metadata(
     concepts: dict[str, list[str]],
     preds: Sequence[TokenPredictions] | None = None,
     iou_threshold: float = 0.5,
+    layout: TokenLayout | None = None,
 ) -> np.ndarray:
-    """The metadata records of a batch of images (``len(records) · n_tokens`` rows, image-major)."""
+    """The metadata records of a batch of images (``len(records) · n_tokens`` rows, image-major).
+
+    Without a declared ``layout`` the tokens are inferred from their count and the adapter's square
+    ``grid`` (:func:`token_layout`).
+    """
     n = len(records)
     meta = np.zeros((n, n_tokens), meta_dtype(list(concepts)))
-    kind, row, col = token_layout(n_tokens, grid)
+    if layout is not None:
+        kind, row, col = declared_layout(n_tokens, layout)
+        rows, cols, fit = layout.rows, layout.cols, layout.fit
+    else:
+        kind, row, col = token_layout(n_tokens, grid)
+        rows, cols, fit = grid or 0, grid or 0, "stretch"
     meta["image_id"] = np.array([r.id for r in records])[:, None]
     meta["token_id"] = np.arange(n_tokens)[None, :]
     meta["token_kind"], meta["row"], meta["col"] = kind[None], row[None], col[None]
@@ -176,11 +213,13 @@ def batch_metadata(
             meta[c][:, tokens] = vals[..., k]
 
     patches = np.flatnonzero(kind == PATCH)
-    if grid and len(patches):
+    if rows and cols and len(patches):
         w = np.array([r.width for r in records], np.float32)[:, None, None]
         h = np.array([r.height for r in records], np.float32)[:, None, None]
-        cx = (col[patches][None, :, None] + 0.5) * w / grid  # [n, t, 1]
-        cy = (row[patches][None, :, None] + 0.5) * h / grid
+        if fit == "letterbox":  # the image sits top-left in a square of its longer side
+            w = h = np.maximum(w, h)
+        cx = (col[patches][None, :, None] + 0.5) * w / cols  # [n, t, 1]
+        cy = (row[patches][None, :, None] + 0.5) * h / rows
         with np.errstate(invalid="ignore"):
             inside = (
                 (cx >= boxes[:, None, :, 0])
@@ -203,7 +242,8 @@ def batch_metadata(
 
     if preds is not None:
         n_pred = len(preds[0].scores)
-        pred_tokens = patches if len(patches) == n_pred else np.flatnonzero(kind != CLS)
+        # one prediction per patch (dense heads, OWL-ViT) or per query (DETR family)
+        pred_tokens = patches if len(patches) == n_pred else np.flatnonzero(kind == QUERY)
         if len(pred_tokens) == n_pred:
             pb = np.stack([p.boxes_xyxy for p in preds]).astype(np.float32)  # [n, P, 4]
             meta["pred_box"][:, pred_tokens] = pb

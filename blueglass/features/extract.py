@@ -23,10 +23,10 @@ import torch
 
 import blueglass
 from blueglass.data import CocoDataset
-from blueglass.features.align import KIND_NAMES, batch_metadata, meta_dtype, token_layout
+from blueglass.features.align import KIND_NAMES, batch_metadata, declared_layout, meta_dtype, token_layout
 from blueglass.features.lens import MANIFEST, LensWriter, merge_parts, write_manifest
 from blueglass.features.recorder import Recorder, resolve_points
-from blueglass.models.base import ModelAdapter
+from blueglass.models.base import ModelAdapter, TokenLayout
 
 
 def _barrier(world: int) -> None:
@@ -37,14 +37,17 @@ def _barrier(world: int) -> None:
 
 
 def _batch_metadata(
-    recs, t, grid, concepts, preds, iou_threshold, known: dict[int, np.ndarray]
+    recs, t, grid, concepts, preds, iou_threshold, known: dict, layout: TokenLayout | None = None
 ) -> np.ndarray:
     """Metadata rows of a batch for a layout of ``t`` tokens per image.
 
     A patches-only layout is the CLS+patches layout without its first row, so it is derived from an
-    already computed one instead of aligning every image again.
+    already computed one instead of aligning every image again. Points with a declared ``layout``
+    (the adapter's ``point_layout``) use it instead of inferring tokens from their count.
     """
-    richer = known.get(t + 1)
+    if layout is not None:
+        return batch_metadata(recs, t, grid, concepts, preds, iou_threshold, layout=layout)
+    richer = known.get((t + 1, None))
     if richer is not None and grid and t == grid * grid:
         rows = richer.reshape(len(recs), t + 1)[:, 1:].reshape(-1).copy()
         rows["token_id"] -= 1
@@ -87,6 +90,7 @@ def record_lens(
     _barrier(world)
 
     grid = getattr(adapter, "grid", None)
+    point_layout = getattr(adapter, "point_layout", None)  # declared per-point token layouts, if any
     concepts = ds.concepts
     n_blocks = math.ceil(len(ds) / block_images)
     writer: LensWriter | None = None
@@ -107,25 +111,33 @@ def record_lens(
                 forward_s += time.perf_counter() - t0
                 acts = rec.take()
                 preds = None
-                if adapter.task == "detection":
+                if adapter.task == "detection" and hasattr(adapter, "token_predictions"):
                     dets = adapter.postprocess(outputs, sizes)
                     preds = adapter.token_predictions(outputs, dets, sizes)
-                metas: dict[int, np.ndarray] = {}  # tokens per image → this batch's metadata rows
+                metas: dict = {}  # (tokens per image, layout) → this batch's metadata rows
                 for p in points:
                     a = acts[p.name]  # [n, T, d]
                     t = a.shape[1]
+                    lay = point_layout(p.module) if point_layout else None
                     if p.name not in layouts:
-                        kinds, _, _ = token_layout(t, grid)
+                        if lay is not None:
+                            kinds, _, _ = declared_layout(t, lay)
+                            pgrid = [lay.rows, lay.cols] if (kinds == 1).any() else None
+                        else:
+                            kinds, _, _ = token_layout(t, grid)
+                            pgrid = grid if (kinds == 1).any() else None
                         layouts[p.name] = {
                             "tokens_per_image": t,
-                            "grid": grid if (kinds == 1).any() else None,
+                            "grid": pgrid,
                             "kinds": {KIND_NAMES[int(k)]: int((kinds == k).sum()) for k in np.unique(kinds)},
                             "d": int(a.shape[2]),
                         }
                     block_acts[p.name].append(a.reshape(-1, a.shape[2]).numpy())
-                    if t not in metas:  # points with the same token layout share their metadata rows
-                        metas[t] = _batch_metadata(recs, t, grid, concepts, preds, iou_threshold, metas)
-                    block_meta[p.name].append(metas[t])
+                    if (t, lay) not in metas:  # points with the same token layout share their metadata rows
+                        metas[t, lay] = _batch_metadata(
+                            recs, t, grid, concepts, preds, iou_threshold, metas, lay
+                        )
+                    block_meta[p.name].append(metas[t, lay])
                 if tick:
                     tick(len(recs))
             if writer is None:

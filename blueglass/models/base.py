@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-Task = Literal["detection", "zero_shot"]
+Task = Literal["detection", "zero_shot", "classification", "embedding"]
+Fit = Literal["stretch", "letterbox"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,25 @@ class HookPoint:
     name: str  # module path, e.g. "vit.layers.2"
     module_type: str  # class name, e.g. "ViTLayer"
     shape: tuple[int, ...]  # output shape for one image (first tensor of a tuple output)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """What the tokens of one hook point are (declared by an adapter for each point it knows).
+
+    ``patches``: ``prefix`` leading tokens (CLS first, then registers / distillation tokens) followed by
+    a ``rows × cols`` patch grid (row-major); conv maps ``[C, H, W]`` are laid out the same way.
+    ``queries``: one token per object query. ``text``: one token per text token (prompt order).
+    ``pooled``: one token per image. ``fit`` says how the image was mapped onto the model input
+    (stretched to a square, or letterboxed into one: padded right/bottom), so a patch's centre can be put
+    back into image pixels.
+    """
+
+    kind: Literal["patches", "queries", "text", "pooled", "other"]
+    rows: int = 0
+    cols: int = 0
+    prefix: int = 0
+    fit: Fit = "stretch"
 
 
 @dataclass
@@ -78,11 +98,14 @@ def first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
-def trace_hook_points(module: nn.Module, run_forward: Any) -> list[HookPoint]:
+def trace_hook_points(module: nn.Module, run_forward: Any, batch: int | None = None) -> list[HookPoint]:
     """Run ``run_forward()`` once with a hook on every named submodule; list those that fired.
 
     Module paths come from the loaded model itself, never from a hard-coded list, so they stay right
     across library versions (transformers 5 moved ViT blocks from ``encoder.layer.N`` to ``layers.N``).
+    With ``batch`` (the number of images ``run_forward`` feeds), outputs whose first dimension is not
+    that batch — e.g. a detector's pooled region features of every image concatenated — are left out:
+    they cannot be split into per-image tokens.
     """
     seen: dict[str, HookPoint] = {}
     handles = []
@@ -90,7 +113,7 @@ def trace_hook_points(module: nn.Module, run_forward: Any) -> list[HookPoint]:
     def make_hook(name: str):
         def hook(mod: nn.Module, _inp: Any, out: Any) -> None:
             t = first_tensor(out)
-            if t is not None and name not in seen:
+            if t is not None and name not in seen and (batch is None or (t.ndim >= 2 and t.shape[0] == batch)):
                 seen[name] = HookPoint(name, type(mod).__name__, tuple(t.shape[1:]))
 
         return hook

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from blueglass.errors import ConfigError
 
+Precision = Literal["32-true", "bf16-mixed", "16-mixed", "64-true"]  # Lightning
 Slug = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]*$", max_length=64)]
 
 
@@ -194,10 +195,21 @@ class ProbeParams(Strict):
     learned_margin: float = Field(
         0.05, ge=0, le=1, description="trained − control needed to call a concept learned"
     )
+    epochs: int = Field(30, gt=0, le=100_000, description="passes over the Lens (Lightning, streamed)")
+    min_steps: int = Field(200, ge=1, description="at least this many steps, whatever the epochs")
+    batch_size: int = Field(4096, gt=0, le=1_000_000)
+    lr: float = Field(0.01, gt=0, le=10)
+    seed: int = Field(0, ge=0)
+    precision: Precision = "32-true"
+    devices: int = Field(1, ge=1, le=64)
     runs: dict[Slug, ProbeRun] = Field(min_length=1)
 
 
+SAE_MEMBER_KEYS = ("variant", "expansion", "k", "l1_coeff", "l0_coeff", "aux_k", "dead_tokens", "lr")
 class SaeRun(Strict):
+    """SAEs on one Lens point. Without ``sweep``: one SAE from these settings. With ``sweep``: one SAE per
+    entry (these settings overridden by the entry's), all trained from the same pass over the data."""
+
     lens: Slug
     point: str
     variant: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"] = "topk"
@@ -211,8 +223,31 @@ class SaeRun(Strict):
     batch_size: int = Field(4096, gt=0, le=1_000_000)
     lr: float | None = Field(None, gt=0, le=1)
     seed: int = Field(0, ge=0)
-    precision: Literal["32-true", "bf16-mixed", "16-mixed", "64-true"] = "32-true"
+    precision: Precision = "32-true"
     devices: int = Field(1, ge=1, le=64)
+    checkpoint_every: int = Field(500, ge=1, description="steps between resumable checkpoints")
+    sweep: dict[Slug, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _sweep_members(self) -> SaeRun:
+        for member, over in self.sweep.items():
+            bad = sorted(set(over) - set(SAE_MEMBER_KEYS))
+            if bad:
+                raise ValueError(
+                    f"sweep.{member}: {bad[0]!r} cannot vary within a sweep (per-SAE keys: {', '.join(SAE_MEMBER_KEYS)})"
+                )
+            try:
+                SaeRun.model_validate({**self.model_dump(exclude={"sweep"}), **over})
+            except ValidationError as exc:
+                raise ValueError(f"sweep.{member}.{_format_error(exc.errors()[0])}") from None
+        return self
+
+    def members(self) -> dict[str, SaeRun]:
+        """Member name → its full settings (the variant's name when there is no sweep)."""
+        if not self.sweep:
+            return {self.variant: self}
+        base = self.model_dump(exclude={"sweep"})
+        return {m: SaeRun.model_validate({**base, **over}) for m, over in self.sweep.items()}
 
 
 class SaeParams(Strict):

@@ -198,6 +198,24 @@ def start_run(
                 wb.finish()
 
 
+def is_main_process() -> bool:
+    """False in the extra processes of a DDP job (torchrun's ``RANK`` or Lightning's ``LOCAL_RANK``), which
+    must not open runs, register models or write stage outputs."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def lightning_logger(run_id: str) -> Any:
+    """Lightning's MLflow logger writing into the (already started) run ``run_id`` of the project's store."""
+    import mlflow
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    class _Logger(MLFlowLogger):
+        def finalize(self, status: str = "success") -> None:  # the stage, not Lightning, ends the run
+            pass
+
+    return _Logger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id)
+
+
 def _start_wandb(cfg: Any, run_name: str, tags: Mapping[str, str]) -> Any:
     if cfg is None or not getattr(cfg, "enabled", False):
         return None

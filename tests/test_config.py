@@ -68,6 +68,14 @@ BAD = [
         "sae.runs.toy-detector-l3-topk.lr: Input should be greater than 0 (got -0.001)",
     ),
     (
+        lambda r: r["sae"]["runs"]["toy-detector-l3-topk"].update(sweep={"a": {"steps": 5}}),
+        "sae.runs.toy-detector-l3-topk: sweep.a: 'steps' cannot vary within a sweep",
+    ),
+    (
+        lambda r: r["sae"]["runs"]["toy-detector-l3-topk"].update(sweep={"b": {"variant": "gated"}}),
+        "sae.runs.toy-detector-l3-topk: sweep.b.variant: Input should be 'relu', 'topk'",
+    ),
+    (
         lambda r: r["probe"]["runs"]["toy-detector"].update(control="nope"),
         "probe.runs.toy-detector.control: unknown Lens 'nope'",
     ),

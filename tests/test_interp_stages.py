@@ -39,7 +39,7 @@ def test_sae_user_errors(project):
 
     root, _ = project
     with pytest.raises(
-        ConfigError, match=r"sae.runs.toy-detector-l0-topk: k \(500\) must be in 1..d_sae \(64\)"
+        ConfigError, match=r"sae.runs.toy-detector-l0-topk.sweep.topk: k \(500\) must be in 1..d_sae \(64\)"
     ):
         sae.run(_with_sae(root, k=500), root, "toy-detector-l0-topk")
     with pytest.raises(BlueGlassError, match=r"no point 'vit.layers.7' \(points: "):
@@ -63,10 +63,21 @@ def test_sae_and_probe_stages_register_loadable_models(project, monkeypatch):
 
     root, p = project
     s = sae.run(p, root, "toy-detector-l0-topk")
-    assert s["registry"]["alias"] == "champion" and s["fvu"] >= 0 and s["steps"] == 5
+    assert set(s) == {"topk", "relu"}  # the sweep: two SAEs from one pass
+    assert s["topk"]["registry"]["alias"] == "champion" and s["topk"]["fvu"] >= 0 and s["topk"]["steps"] == 5
+    assert s["relu"]["registry"]["name"] == "toy-detector.vit.layers.0.sae-relu"
+    assert (root / "models" / "saes" / "toy-detector-l0-topk" / "relu" / "cfg.json").is_file()
+    assert not (root / "checkpoints" / "sae" / "toy-detector-l0-topk").exists()  # removed once finished
+    # training curves reach the stage's MLflow run through Lightning's MLflow logger
+    client = mlflow.MlflowClient()
+    run_id = client.get_model_version_by_alias("toy-detector.vit.layers.0.sae-relu", "champion").run_id
+    curve = client.get_metric_history(run_id, "train/relu/loss")
+    assert len(curve) >= 2 and curve[-1].step > curve[0].step
     out = probe.run(p, root, "toy-detector")
     assert "toy-detector.vit.layers.0.probe-color" in out["registered"]
     assert {r["point"] for r in out["curve"]} == set(Lens(root / "lens" / "toy-detector-test").points)
+    probe_run = client.get_model_version_by_alias("toy-detector.vit.layers.0.probe-color", "champion").run_id
+    assert client.get_metric_history(probe_run, "train/control/vit.layers.0/color/loss")
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     feats = Lens(root / "lens" / "toy-detector-test").load_point("vit.layers.0")[0][:5].astype(np.float32)
     codes = mlflow.pyfunc.load_model("models:/toy-detector.vit.layers.0.sae-topk@champion").predict(feats)

@@ -120,7 +120,7 @@ def test_dvc_repro_end_to_end(scratch_repo):
         and "metric.fvu" in sae_v.tags
         and sae_v.tags["headline_metric"] == "fvu"
     )
-    assert (repo / "models" / "saes" / "toy-detector-l0-topk" / "cfg.json").is_file()
+    assert (repo / "models" / "saes" / "toy-detector-l0-topk" / "topk" / "cfg.json").is_file()
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["benchmark"]["batch_size"] = 5

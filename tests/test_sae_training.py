@@ -6,6 +6,8 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from conftest import torchrun_cmd
@@ -13,7 +15,7 @@ from conftest import torchrun_cmd
 from blueglass.features.align import meta_dtype
 from blueglass.features.lens import LensWriter, merge_parts, write_manifest
 from blueglass.interp.sae import SAEConfig, SparseAutoencoder
-from blueglass.interp.train import TrainSettings, default_lr, train_sae
+from blueglass.interp.train import TrainSettings, default_lr, train_sae, train_saes
 
 
 def planted_lens(root: Path, n_blocks=12, rows=1024, d=16, n_feat=32, seed=0):
@@ -72,3 +74,45 @@ def test_ddp_two_processes_take_equal_steps_on_disjoint_shards(tmp_path):
     assert r0["shards"] and r1["shards"] and not set(r0["shards"]) & set(r1["shards"])
     assert len(set(r0["shards"]) | set(r1["shards"])) == 5  # every training shard, the held-out one excluded
     assert r0["weights"] == r1["weights"]
+
+
+def test_sweep_trains_each_sae_as_if_alone(tmp_path):
+    planted_lens(tmp_path / "lens")
+    cfgs = {
+        "topk": SAEConfig(d_in=16, d_sae=64, variant="topk", k=4, aux_k=0),
+        "relu": SAEConfig(d_in=16, d_sae=32, variant="relu", l1_coeff=0.5),
+    }
+    s = TrainSettings(steps=30, batch_size=512, lr=3e-3)
+    both = train_saes(tmp_path / "lens", "p", cfgs, s)
+    alone = train_saes(tmp_path / "lens", "p", {"topk": cfgs["topk"]}, s)
+    assert both["steps"] == alone["steps"] == 30 and set(both["saes"]) == {"topk", "relu"}
+    a, b = both["saes"]["topk"]["sae"].state_dict(), alone["saes"]["topk"]["sae"].state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert both["saes"]["relu"]["metrics"]["fvu"] < 1
+
+
+class _Crash(pl.Callback):
+    def __init__(self, at):
+        self.at = at
+
+    def on_train_batch_end(self, trainer, *_):
+        if trainer.global_step == self.at:
+            raise KeyboardInterrupt  # a killed job: nothing after this step is saved
+
+
+def test_checkpoint_resume_ends_with_the_uninterrupted_weights(tmp_path):
+    planted_lens(tmp_path / "lens")
+    cfg = SAEConfig(d_in=16, d_sae=64, variant="topk", k=4, aux_k=16, dead_tokens=2000)
+
+    def settings(ckpt):
+        return TrainSettings(steps=40, batch_size=512, lr=3e-3, checkpoint_dir=ckpt, checkpoint_every=10)
+
+    ref = train_saes(tmp_path / "lens", "p", {"a": cfg}, settings(None))["saes"]["a"]["sae"].state_dict()
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train_saes(tmp_path / "lens", "p", {"a": cfg}, settings(ckpt), callbacks=[_Crash(25)])
+    assert (ckpt / "last.ckpt").is_file()
+    res = train_saes(tmp_path / "lens", "p", {"a": cfg}, settings(ckpt))
+    assert res["steps"] == 40
+    got = res["saes"]["a"]["sae"].state_dict()
+    assert all(torch.equal(got[k], ref[k]) for k in ref), "resumed run diverged from the uninterrupted one"

@@ -8,14 +8,19 @@ A probe target names a metadata column and the rows it applies to:
   (regression of the kept detection's box, normalised by image size).
 
 Rows are split into train / test by image (``image_id`` hash), never by token, so neighbouring tokens of
-one image cannot leak across the split. Classification probes are multinomial logistic regression
-(standardised features, L2, full-batch L-BFGS); regression probes are ridge regression in closed form.
-Metrics: ``accuracy``, ``balanced_accuracy``, ``auroc`` (macro one-vs-rest), ``chance`` (majority-class
-accuracy on the test rows); ``r2`` for regression.
+one image cannot leak across the split. :func:`train_probes` trains every target of one point at once — a
+LightningModule with one linear head per target, fed by the Lens streaming loader, so a Lens larger than
+memory is fine and DDP / precision come from Lightning: classification heads are multinomial logistic
+regression, regression heads least squares, both on standardised features with an L2 penalty, Adam with
+warm-up and decay. Three streamed passes: training-row statistics (feature mean / std, classes, box scale),
+training, and test-row scores. Metrics: ``accuracy``, ``balanced_accuracy``, ``auroc`` (macro
+one-vs-rest), ``chance`` (majority-class accuracy on the test rows); ``r2`` for regression. Weights are
+saved in raw activation space.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -145,96 +150,247 @@ class ProbeResult:
         return row / max(np.linalg.norm(row), 1e-12)
 
 
-def fit_probe(
-    feats: np.ndarray,
-    meta: np.ndarray,
-    target: ProbeTarget,
-    *,
-    l2: float = 1e-3,
-    seed: int = 0,
-    max_iter: int = 200,
-) -> ProbeResult | None:
-    """Train and score one probe; ``None`` when the Lens has too few rows or classes for it."""
-    rows = select_rows(meta, target)
-    x = feats[rows].astype(np.float32)
-    m = meta[rows]
-    if target.kind == "regression":
-        y = m[target.column].reshape(len(m), -1).astype(np.float32)
-        if target.column == "pred_box":
-            y = y / np.float32(max(float(np.abs(y).max()), 1.0))
-    else:
-        y = m[target.column].astype(np.int64)
-    test = image_split(m["image_id"], seed=seed)
-    if test.sum() < 5 or (~test).sum() < 10:
+@dataclass
+class ProbeSettings:
+    epochs: int = 30
+    min_steps: int = 200  # small Lenses: at least this many steps, whatever the epochs
+    batch_size: int = 4096
+    lr: float = 1e-2
+    l2: float = 1e-3
+    seed: int = 0
+    test_fraction: float = 0.2
+    precision: str = "32-true"
+    devices: int = 1
+    run_id: str | None = None  # MLflow run for the training curves
+    log_prefix: str = "train"
+
+
+@dataclass
+class _Head:
+    target: ProbeTarget
+    classes: np.ndarray  # classification: sorted class values seen in training rows
+    lookup: np.ndarray  # class value → head index (−100 = not a training class)
+    scale: float = 1.0  # regression: targets divided by this (pred_box: the largest |value|)
+    outputs: int = 1  # regression: values per row
+
+    @property
+    def width(self) -> int:
+        return len(self.classes) if self.target.kind == "classification" else self.outputs
+
+    def labels(self, meta: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Per-row label (class index, −100 where the row is not used) or regression target."""
+        col = meta[self.target.column]
+        if self.target.kind == "regression":
+            return col.reshape(len(meta), -1).astype(np.float32) / np.float32(self.scale)
+        vals = np.clip(col.astype(np.int64), 0, len(self.lookup) - 1)
+        known = rows & (col >= 0) & (col < len(self.lookup))
+        return np.where(known, self.lookup[vals], -100)
+
+
+def _stats(lens, point: str, targets: Sequence[ProbeTarget], s: ProbeSettings):
+    """Pass 1 over the point: mean / std of training-row features, training classes, regression scales."""
+    from blueglass.features.lens import TokenLoader
+
+    loader = TokenLoader(lens, point, batch_size=1 << 16, shuffle=False, rank=0, world_size=1)
+    n, total, total_sq = 0, None, None
+    seen: dict[str, set[int]] = {t.name: set() for t in targets}
+    counts = {t.name: [0, 0] for t in targets}  # train, test rows
+    scale = {t.name: 1.0 for t in targets}
+    lens_fields: dict[str, tuple[int, ...]] = {}
+    for batch in loader:
+        meta = _meta(batch)
+        lens_fields = {c: meta.dtype[c].shape for c in meta.dtype.names}
+        test = image_split(meta["image_id"], s.test_fraction, s.seed)
+        f = batch["feats"].double()[torch.from_numpy(~test)]
+        n += len(f)
+        total = f.sum(0) if total is None else total + f.sum(0)
+        total_sq = (f * f).sum(0) if total_sq is None else total_sq + (f * f).sum(0)
+        for t in targets:
+            rows = select_rows(meta, t)
+            counts[t.name][0] += int((rows & ~test).sum())
+            counts[t.name][1] += int((rows & test).sum())
+            if t.kind == "classification":
+                seen[t.name].update(np.unique(meta[t.column][rows & ~test]).tolist())
+            elif t.column == "pred_box" and rows.any():
+                scale[t.name] = max(scale[t.name], float(np.abs(meta[t.column][rows]).max()))
+    if not n:
         return None
-    mu, sd = x[~test].mean(0), x[~test].std(0) + 1e-6
-    xs = (x - mu) / sd
-    if target.kind == "regression":
-        a = np.concatenate([xs[~test], np.ones(((~test).sum(), 1), np.float32)], 1)
-        w = np.linalg.solve(a.T @ a + l2 * len(a) * np.eye(a.shape[1], dtype=np.float32), a.T @ y[~test])
-        pred = np.concatenate([xs[test], np.ones((test.sum(), 1), np.float32)], 1) @ w
-        ss_res = ((pred - y[test]) ** 2).sum()
-        ss_tot = ((y[test] - y[test].mean(0)) ** 2).sum()
-        metrics = {"r2": float(1 - ss_res / max(ss_tot, 1e-12))}
-        weight, bias = (w[:-1] / sd[:, None]).T, w[-1] - (mu / sd) @ w[:-1]
-        return ProbeResult(
-            target.name, "regression", metrics, weight, bias, [], int((~test).sum()), int(test.sum())
-        )
+    mu = total / n
+    sd = (total_sq / n - mu * mu).clamp_min(0).sqrt() + 1e-6
+    heads = {}
+    for t in targets:
+        n_train, n_test = counts[t.name]
+        if n_test < 5 or n_train < 10:
+            continue
+        if t.kind == "classification":
+            classes = np.array(sorted(c for c in seen[t.name] if c >= 0), np.int64)
+            if len(classes) < 2:
+                continue
+            lookup = np.full(int(classes.max()) + 1, -100, np.int64)
+            lookup[classes] = np.arange(len(classes))
+            heads[t.name] = _Head(t, classes, lookup)
+        else:
+            outputs = int(np.prod(lens_fields[t.column])) if t.column in lens_fields else 1
+            heads[t.name] = _Head(t, np.zeros(0, np.int64), np.zeros(0, np.int64), scale[t.name], outputs)
+    return mu.float(), sd.float(), heads, counts
 
-    classes = np.unique(y[~test])
-    if len(classes) < 2:
-        return None
-    index = {int(c): i for i, c in enumerate(classes)}
-    y_idx = np.array([index.get(int(v), -1) for v in y])
-    torch.manual_seed(seed)
-    xt = torch.from_numpy(xs[~test])
-    yt = torch.from_numpy(y_idx[~test])
-    lin = torch.nn.Linear(x.shape[1], len(classes))
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(lin(xt), yt) + l2 * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
+def _meta(batch: dict[str, Any]) -> np.ndarray:
+    """The structured metadata rows of a TokenLoader batch."""
+    cols = [c for c in batch if c != "feats"]
+    arrays = {c: batch[c].numpy() for c in cols}
+    dtype = [(c, a.dtype, a.shape[1:]) for c, a in arrays.items()]
+    out = np.empty(len(batch["feats"]), dtype)
+    for c, a in arrays.items():
+        out[c] = a
+    return out
 
-    opt.step(closure)
+
+def _encode_batch(batch: dict[str, Any], heads: dict[str, _Head], s: ProbeSettings, split: str):
+    """A TokenLoader batch → features + per-head labels, with the other split's rows masked out."""
+    meta = _meta(batch)
+    test = image_split(meta["image_id"], s.test_fraction, s.seed)
+    use = test if split == "test" else ~test
+    out = {"feats": batch["feats"]}
+    for name, h in heads.items():
+        rows = select_rows(meta, h.target) & use
+        out[f"y/{name}"] = torch.from_numpy(h.labels(meta, rows))
+        if h.target.kind == "regression":
+            out[f"m/{name}"] = torch.from_numpy(rows)
+    return out
+
+
+def _probe_module(d: int, heads: dict[str, _Head], mu, sd, s: ProbeSettings, steps: int):
+    import pytorch_lightning as pl
+    import torch.nn.functional as F
+
+    from blueglass.interp.train import lr_schedule, metric_key
+
+    class ProbeModule(pl.LightningModule):
+        """One linear head per target on standardised features, all heads in one matrix (one GEMM per
+        batch); every head sees every batch."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(d, sum(h.width for h in heads.values()))
+            bounds = np.cumsum([0] + [h.width for h in heads.values()])
+            self.slices = {n: slice(int(a), int(b)) for n, a, b in zip(heads, bounds[:-1], bounds[1:])}
+            self.register_buffer("mu", mu)
+            self.register_buffer("sd", sd)
+
+        def scores(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = self.linear((feats.float() - self.mu) / self.sd)
+            return {n: out[:, sl] for n, sl in self.slices.items()}
+
+        def head(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            sl = self.slices[name]
+            return self.linear.weight[sl], self.linear.bias[sl]
+
+        def training_step(self, batch, _i):
+            total = s.l2 * self.linear.weight.pow(2).sum()
+            logs = {}
+            for name, out in self.scores(batch["feats"]).items():
+                y = batch[f"y/{name}"]
+                if heads[name].target.kind == "classification":
+                    valid = (y >= 0).float()
+                    per_row = F.cross_entropy(out.float(), y.clamp_min(0), reduction="none")
+                else:
+                    valid = batch[f"m/{name}"].float()
+                    per_row = (out.float() - y).pow(2).mean(-1)
+                loss = (per_row * valid).sum() / valid.sum().clamp_min(1.0)  # masked mean over this head's rows
+                total = total + loss
+                logs[metric_key(s.log_prefix, name, "loss")] = loss.detach()
+            self.log_dict(logs)
+            return total
+
+        def configure_optimizers(self):
+            opt = torch.optim.Adam(self.parameters(), lr=s.lr)
+            warm = max(1, min(50, steps // 10))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(steps, warm))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return ProbeModule()
+
+
+def train_probes(
+    lens: Any, point: str, targets: Sequence[ProbeTarget], s: ProbeSettings | None = None
+) -> dict[str, ProbeResult]:
+    """Train and score a probe for every target the point's rows support (too few rows or classes → none)."""
+    from blueglass.features.lens import Lens, TokenLoader
+    from blueglass.interp.train import Endless, TrainSettings, fit
+
+    s = s or ProbeSettings()
+    lens = lens if isinstance(lens, Lens) else Lens(lens)
+    fields = set(lens.manifest.get("meta_fields", [])) or None
+    targets = [t for t in targets if fields is None or t.column in fields]
+    stats = _stats(lens, point, targets, s)
+    if stats is None:
+        return {}
+    mu, sd, heads, counts = stats
+    if not heads:
+        return {}
+    world = s.devices
+    rows = int(lens.point(point)["rows"])
+    steps = max(s.min_steps, s.epochs * max(1, math.ceil(rows / (s.batch_size * world))))
+    torch.manual_seed(s.seed)
+    module = _probe_module(int(lens.point(point)["d"]), heads, mu, sd, s, steps)
+    data = Endless(
+        TokenLoader(lens, point, batch_size=s.batch_size, seed=s.seed),
+        transform=lambda b: _encode_batch(b, heads, s, "train"),
+    )
+    fit(
+        module,
+        data,
+        TrainSettings(
+            steps=steps,
+            batch_size=s.batch_size,
+            seed=s.seed,
+            precision=s.precision,
+            devices=s.devices,
+            run_id=s.run_id,
+            log_prefix=s.log_prefix,
+        ),
+    )
+    # pass 3: scores of the test rows
+    module = module.cpu().eval()
+    scores: dict[str, list[np.ndarray]] = {n: [] for n in heads}
+    labels: dict[str, list[np.ndarray]] = {n: [] for n in heads}
     with torch.no_grad():
-        scores = lin(torch.from_numpy(xs[test])).softmax(-1).numpy()
-    y_test = y[test]
-    pred = classes[scores.argmax(1)]
-    seen = np.isin(y_test, classes)
-    per_class = [float((pred[y_test == c] == c).mean()) for c in classes if (y_test == c).any()]
-    majority = float(np.max(np.unique(y_test, return_counts=True)[1]) / len(y_test))
-    metrics = {
-        "accuracy": float((pred == y_test).mean()),
+        for batch in TokenLoader(lens, point, batch_size=1 << 16, shuffle=False, rank=0, world_size=1):
+            enc = _encode_batch(batch, heads, s, "test")
+            out = module.scores(enc["feats"])
+            for n, h in heads.items():
+                keep = enc[f"m/{n}"] if h.target.kind == "regression" else enc[f"y/{n}"] >= 0
+                scores[n].append(out[n][keep].float().numpy())
+                labels[n].append(enc[f"y/{n}"][keep].numpy())
+    results = {}
+    for n, h in heads.items():
+        sc, y = np.concatenate(scores[n]), np.concatenate(labels[n])
+        weight, bias = module.head(n)
+        w = weight.detach().float().numpy() / module.sd.numpy()[None, :]
+        b = bias.detach().float().numpy() - w @ module.mu.numpy()
+        if h.target.kind == "regression":
+            ss_res = ((sc - y) ** 2).sum()
+            ss_tot = ((y - y.mean(0)) ** 2).sum()
+            metrics = {"r2": float(1 - ss_res / max(ss_tot, 1e-12))}
+            w, b = w * h.scale, b * h.scale  # predictions in the target's own units
+            classes: list[int] = []
+        else:
+            metrics = _classification_metrics(sc, y, len(h.classes))
+            classes = [int(c) for c in h.classes]
+        results[n] = ProbeResult(n, h.target.kind, metrics, w, b, classes, *counts[n])
+    return results
+
+
+def _classification_metrics(scores: np.ndarray, y: np.ndarray, n_classes: int) -> dict[str, float]:
+    """``y`` holds head indices (test rows of classes never seen in training are left out)."""
+    pred = scores.argmax(1)
+    idx = np.arange(n_classes)
+    per_class = [float((pred[y == c] == c).mean()) for c in idx if (y == c).any()]
+    majority = float(np.max(np.unique(y, return_counts=True)[1]) / len(y)) if len(y) else float("nan")
+    return {
+        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
         "balanced_accuracy": float(np.mean(per_class)) if per_class else float("nan"),
-        "auroc": auroc_ovr(scores[seen], y_test[seen], classes),
+        "auroc": auroc_ovr(torch.from_numpy(scores).softmax(-1).numpy(), y, idx),
         "chance": majority,
     }
-    w = lin.weight.detach().numpy() / sd[None, :]
-    b = lin.bias.detach().numpy() - w @ mu
-    return ProbeResult(
-        target.name,
-        "classification",
-        metrics,
-        w,
-        b,
-        [int(c) for c in classes],
-        int((~test).sum()),
-        int(test.sum()),
-    )
-
-
-def probe_point(
-    feats: np.ndarray, meta: np.ndarray, targets: Sequence[ProbeTarget], **kw: Any
-) -> dict[str, ProbeResult]:
-    """Every target that the point's rows support."""
-    out = {}
-    for t in targets:
-        if t.column not in meta.dtype.names:
-            continue
-        res = fit_probe(feats, meta, t, **kw)
-        if res is not None:
-            out[t.name] = res
-    return out

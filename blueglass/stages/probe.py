@@ -9,6 +9,7 @@ probe beats the control's by ``learned_margin``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import shutil
@@ -18,7 +19,7 @@ from typing import Any
 from blueglass.config import Params
 from blueglass.errors import ConfigError
 from blueglass.runtime import progress, setup, write_json, write_text
-from blueglass.tracking import register_model, start_run
+from blueglass.tracking import is_main_process, register_model, start_run
 
 
 def headline(kind: str) -> str:
@@ -32,7 +33,7 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
     spec = params.probe.runs[name]
     from blueglass.features.extract import lens_md5
     from blueglass.features.lens import Lens
-    from blueglass.interp.probes import default_targets, probe_point
+    from blueglass.interp.probes import ProbeSettings, default_targets, train_probes
 
     lens = Lens(base / "lens" / spec.lens)
     control = Lens(base / "lens" / spec.control) if spec.control else None
@@ -45,74 +46,84 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
     for p in spec.register_points:
         lens.point(p)
     targets = [known_targets[t] for t in spec.targets]
-    setup(params.runtime)
+    rt = setup(params.runtime)
+    main = is_main_process()
     out_dir = base / "models" / "probes" / name
     tmp = out_dir.with_name(f".{name}.tmp")
-    if tmp.exists():
+    if main and tmp.exists():
         shutil.rmtree(tmp)
-    results: dict[str, dict[str, Any]] = {}
-    curve: list[dict[str, Any]] = []
-    with progress() as bar:
-        task = bar.add_task(f"probe {name}", total=len(lens.points), info="")
-        for depth, point in enumerate(lens.points):
-            feats, meta = lens.load_point(point)
-            trained = probe_point(feats, meta, targets, l2=params.probe.l2)
-            ctrl = {}
-            if control is not None and point in control.points:
-                cf, cm = control.load_point(point)
-                ctrl = probe_point(cf, cm, targets, l2=params.probe.l2)
-            row: dict[str, Any] = {"depth": depth, "point": point}
-            results[point] = {}
-            for tname, res in trained.items():
-                h = headline(res.kind)
-                entry = dict(res.metrics)
-                if tname in ctrl:
-                    entry.update({f"control_{k}": v for k, v in ctrl[tname].metrics.items()})
-                    entry["learned"] = bool(
-                        res.metrics[h] - ctrl[tname].metrics[h] > params.probe.learned_margin
-                    )
-                results[point][tname] = entry
-                row[tname] = round(res.metrics[h], 6)
-                if tname in ctrl:
-                    row[f"{tname}_control"] = round(ctrl[tname].metrics[h], 6)
-                res.save(tmp / point / tname, lens=spec.lens, point=point, control=spec.control)
-            curve.append(row)
-            bar.advance(task, 1)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out_dir)
-
-    columns = ["depth", "point"] + sorted({k for r in curve for k in r} - {"depth", "point"})
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(curve)
-    plot = base / "plots" / f"probe_{name}.csv"
-    write_text(plot, buf.getvalue())
-
     model = lens.manifest["model"]["name"]
-    with start_run(
-        "probe",
-        run_name=f"probe {name}",
-        experiment=params.tracking.experiment,
-        wandb_cfg=params.tracking.wandb,
-        tags={"lens": spec.lens, "model": model},
-    ) as r:
-        r.log_params({"probe": spec.model_dump(), "l2": params.probe.l2})
-        r.log_input(
-            f"lens-{spec.lens}",
-            lens_md5(base / "lens" / spec.lens),
-            base / "lens" / spec.lens,
-            context="lens",
-        )
-        if spec.control:
-            r.log_input(
-                f"lens-{spec.control}",
-                lens_md5(base / "lens" / spec.control),
-                base / "lens" / spec.control,
-                context="control",
+    pp = params.probe
+    with contextlib.ExitStack() as stack:
+        r = None
+        if main:
+            r = stack.enter_context(
+                start_run(
+                    "probe",
+                    run_name=f"probe {name}",
+                    experiment=params.tracking.experiment,
+                    wandb_cfg=params.tracking.wandb,
+                    tags={"lens": spec.lens, "model": model},
+                )
             )
+            r.log_params({"probe": spec.model_dump(), **pp.model_dump(exclude={"runs"}), "runtime": rt})
+            r.log_input(f"lens-{spec.lens}", lens_md5(lens.root), lens.root, context="lens")
+            if control is not None:
+                r.log_input(f"lens-{spec.control}", lens_md5(control.root), control.root, context="control")
+
+        def settings(kind: str, point: str) -> ProbeSettings:
+            return ProbeSettings(
+                epochs=pp.epochs,
+                min_steps=pp.min_steps,
+                batch_size=pp.batch_size,
+                lr=pp.lr,
+                l2=pp.l2,
+                seed=pp.seed,
+                precision=pp.precision,
+                devices=pp.devices,
+                run_id=r.run_id if r is not None else None,
+                log_prefix=f"train/{kind}/{point}",
+            )
+
+        results: dict[str, dict[str, Any]] = {}
+        curve: list[dict[str, Any]] = []
+        with progress() as bar:
+            task = bar.add_task(f"probe {name}", total=len(lens.points), info="")
+            for depth, point in enumerate(lens.points):
+                trained = train_probes(lens, point, targets, settings("trained", point))
+                ctrl = {}
+                if control is not None and point in control.points:
+                    ctrl = train_probes(control, point, targets, settings("control", point))
+                row: dict[str, Any] = {"depth": depth, "point": point}
+                results[point] = {}
+                for tname, res in trained.items():
+                    h = headline(res.kind)
+                    entry = dict(res.metrics)
+                    if tname in ctrl:
+                        entry.update({f"control_{k}": v for k, v in ctrl[tname].metrics.items()})
+                        entry["learned"] = bool(res.metrics[h] - ctrl[tname].metrics[h] > pp.learned_margin)
+                    results[point][tname] = entry
+                    row[tname] = round(res.metrics[h], 6)
+                    if tname in ctrl:
+                        row[f"{tname}_control"] = round(ctrl[tname].metrics[h], 6)
+                    if main:
+                        res.save(tmp / point / tname, lens=spec.lens, point=point, control=spec.control)
+                curve.append(row)
+                bar.advance(task, 1)
+        if r is None:
+            return {}
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out_dir)
+
+        columns = ["depth", "point"] + sorted({k for row in curve for k in row} - {"depth", "point"})
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(curve)
+        plot = base / "plots" / f"probe_{name}.csv"
+        write_text(plot, buf.getvalue())
         r.log_metrics(
             {
                 p.replace(":", "_"): {

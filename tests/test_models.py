@@ -58,7 +58,8 @@ def test_adapter_errors(tmp_path, tiny_detector):
     cfg["model_type"] = "resnet"
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
-        ModelError, match="unsupported model_type 'resnet' \\(supported: blueglass-toy-detector, clip\\)"
+        ModelError,
+        match="unsupported model_type 'resnet' .*\\(supported: blueglass-toy-detector, clip, torchvision;",
     ):
         load_adapter(folder)
 

@@ -31,8 +31,15 @@ def evaluate(
     """Task metrics of ``adapter`` on ``ds``.
 
     Detection: COCO ``AP, AP50, …, per_class``. Zero-shot: ``accuracy`` (mean over prompt families) and
-    ``<family>.accuracy`` on the split's single-object images.
+    ``<family>.accuracy`` on the split's single-object images. Classification (a model with its own label
+    space, matched to the dataset's categories): ``accuracy`` on single-object images (an ImageFolder
+    dataset has one whole-image object per image). Embedding (a backbone without a head): nearest class
+    centroid ``accuracy`` of its pooled embedding, centroids from half the images (seeded), scored on the
+    other half.
     """
+    bind_classes(adapter, ds)
+    if adapter.task in ("classification", "embedding"):
+        return _evaluate_classes(adapter, ds, batch_size, tick)
     if adapter.task == "detection":
         preds = {}
         for sl in _batches(len(ds), batch_size):
@@ -72,7 +79,65 @@ def evaluate(
     return metrics
 
 
-HEADLINE = {"detection": "AP50", "zero_shot": "accuracy"}
+def bind_classes(adapter: ModelAdapter, ds: CocoDataset) -> None:
+    """Give an adapter with its own label space (or text prompts) the dataset's categories."""
+    bind = getattr(adapter, "set_classes", None)
+    if bind is not None:
+        bind(ds.categories)
+
+
+def _evaluate_classes(adapter: ModelAdapter, ds: CocoDataset, batch_size: int, tick) -> dict[str, Any]:
+    ids = sorted(ds.categories)
+    records = [r for r in ds.images if len(r.annotations) == 1]
+    outs = []
+    for sl in _batches(len(records), batch_size):
+        recs = records[sl]
+        outs.append(
+            adapter.postprocess(adapter.forward(adapter.preprocess([ds.load_image(r) for r in recs])))
+        )
+        if tick:
+            tick(len(recs))
+    if tick and len(records) < len(ds):
+        tick(len(ds) - len(records))
+    metrics: dict[str, Any] = {"images": len(records)}
+    if not records:
+        metrics["accuracy"] = None
+        return metrics
+    labels = np.array([ids.index(r.annotations[0].category_id) for r in records])
+    out = torch.cat(outs).float()
+    if adapter.task == "classification":
+        metrics["accuracy"] = zero_shot_accuracy(out, labels)
+        k = min(5, out.shape[1])
+        topk = out.topk(k, dim=-1).indices.numpy()
+        metrics[f"top{k}_accuracy"] = float((topk == labels[:, None]).any(1).mean())
+        return metrics
+    metrics.update(nearest_centroid_accuracy(out.numpy(), labels))
+    return metrics
+
+
+def nearest_centroid_accuracy(emb: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """Cosine nearest-class-centroid accuracy: centroids from a seeded half of the images, scored on the rest."""
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-8)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    fit, test = order[: len(order) // 2], order[len(order) // 2 :]
+    classes = np.unique(labels[fit])
+    if len(test) == 0 or len(classes) == 0:
+        return {"accuracy": None, "method": "nearest_centroid"}
+    cent = np.stack([emb[fit][labels[fit] == c].mean(0) for c in classes])
+    pred = classes[(emb[test] @ cent.T).argmax(1)]
+    return {
+        "accuracy": float((pred == labels[test]).mean()),
+        "method": "nearest_centroid",
+        "scored": len(test),
+    }
+
+
+HEADLINE = {
+    "detection": "AP50",
+    "zero_shot": "accuracy",
+    "classification": "accuracy",
+    "embedding": "accuracy",
+}
 
 
 def headline_metrics(task: str, metrics: Mapping[str, Any]) -> dict[str, float]:

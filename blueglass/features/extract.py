@@ -23,6 +23,7 @@ import torch
 
 import blueglass
 from blueglass.data import CocoDataset
+from blueglass.evaluation.runner import bind_classes
 from blueglass.features.align import KIND_NAMES, batch_metadata, declared_layout, meta_dtype, token_layout
 from blueglass.features.lens import MANIFEST, LensWriter, merge_parts, write_manifest
 from blueglass.features.recorder import Recorder, resolve_points
@@ -80,6 +81,7 @@ def record_lens(
 
     Returns the manifest on rank 0 (``None`` on other ranks).
     """
+    bind_classes(adapter, ds)  # label space / prompts of real models
     points = resolve_points(specs, adapter.hook_points(), getattr(adapter, "aliases", dict)())
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")

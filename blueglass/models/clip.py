@@ -1,9 +1,11 @@
-"""Zero-shot classification with any ``transformers.CLIPModel`` folder (the embedded VLM or a real CLIP).
+"""Zero-shot classification with any ``transformers.CLIPModel`` or ``SiglipModel`` folder (the embedded
+VLM or a real CLIP / SigLIP).
 
 The folder is what ``save_pretrained`` writes: ``config.json`` + ``model.safetensors``, with the
 tokenizer and image processor saved beside them (as real checkpoints ship them). ``set_prompts`` encodes
 the class prompts once; ``forward`` runs the image tower (the part hooks see) and ``postprocess`` returns
-``[B, prompts]`` logits.
+``[B, prompts]`` logits (SigLIP: with its logit bias; its text tower is run with ``max_length`` padding,
+as SigLIP was trained). CLIP's vision layers are CLS + patches, SigLIP's patches only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from blueglass.errors import ModelError
 from blueglass.models.base import HookPoint, trace_hook_points, weights_sha256
+from blueglass.models.common import require_folder
+from blueglass.models.hf import model_class
 
 
 def _l2(x: torch.Tensor) -> torch.Tensor:
@@ -26,17 +30,21 @@ def _l2(x: torch.Tensor) -> torch.Tensor:
 class ClipAdapter:
     task = "zero_shot"
 
-    def __init__(self, folder: str | Path, device: torch.device | str = "cpu"):
-        self.folder = Path(folder)
+    def __init__(self, folder: str | Path, device: torch.device | str = "cpu", options=None):
+        self.folder = require_folder(
+            folder, "save_pretrained folder (config.json, weights, tokenizer, processor)"
+        )
         self.device = torch.device(device)
+        cls = model_class(self.folder, ("CLIPModel", "SiglipModel"))
         try:
-            self.module: CLIPModel = CLIPModel.from_pretrained(str(self.folder))
-            self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
-            self.processor = AutoImageProcessor.from_pretrained(str(self.folder))
+            self.module: CLIPModel = cls.from_pretrained(str(self.folder), local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
+            self.processor = AutoImageProcessor.from_pretrained(str(self.folder), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ModelError(
-                f"{self.folder}: cannot load a CLIP model folder ({str(exc).splitlines()[0]})"
+                f"{self.folder}: cannot load a {cls.__name__} folder ({str(exc).splitlines()[0]})"
             ) from None
+        self.siglip = cls.__name__ == "SiglipModel"
         self.module.eval().to(self.device)
         self.name = getattr(self.module.config, "blueglass_name", None) or self.folder.name
         self.image_size = int(self.module.config.vision_config.image_size)
@@ -50,8 +58,12 @@ class ClipAdapter:
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """Normalised text embeddings ``[P, D]``."""
-        tok = self.tokenizer(list(prompts), padding=True, return_tensors="pt").to(self.device)
-        out = self.module.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+        pad = {"padding": True}
+        if self.siglip:
+            pad = {"padding": "max_length", "truncation": True, "max_length": self.text_length}
+        tok = self.tokenizer(list(prompts), return_tensors="pt", **pad).to(self.device)
+        mask = None if self.siglip else tok["attention_mask"]  # SigLIP's text tower sees its padding
+        out = self.module.get_text_features(input_ids=tok["input_ids"], attention_mask=mask)
         return _l2(out.pooler_output)
 
     def set_prompts(self, prompts: Sequence[str]) -> None:
@@ -69,7 +81,12 @@ class ClipAdapter:
         if self._text_embeds is None:
             raise ModelError("zero-shot model has no prompts: call set_prompts() first")
         scale = self.module.logit_scale.exp()
-        return (scale * outputs @ self._text_embeds.T).float().cpu()
+        bias = self.module.logit_bias if self.siglip else 0.0
+        return (scale * outputs @ self._text_embeds.T + bias).float().cpu()
+
+    @property
+    def text_length(self) -> int:
+        return int(self.module.config.text_config.max_position_embeddings)
 
     @property
     def grid(self) -> int:
@@ -86,7 +103,7 @@ class ClipAdapter:
     def reinitialize(self, seed: int) -> None:
         """Replace the weights by a fresh random initialisation (the control for probes and SAEs)."""
         torch.manual_seed(seed)
-        self.module = CLIPModel(self.module.config).eval().to(self.device)
+        self.module = type(self.module)(self.module.config).eval().to(self.device)
         self.name = f"{self.name}-random"
         self.control_seed = seed
         if self.prompts:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from blueglass.errors import ConfigError
 
@@ -41,6 +41,7 @@ class SplitSpec(Strict):
 class DatasetParams(Strict):
     """The embedded toy world, written to ``<root>/<name>/<split>/``."""
 
+    kind: Literal["toyworld"] = "toyworld"
     name: Slug = "toyworld"
     root: str = "data"
     seed: int = Field(0, ge=0)
@@ -56,6 +57,45 @@ class DatasetParams(Strict):
     @property
     def path(self) -> Path:
         return Path(self.root) / self.name
+
+
+class CocoSplitSpec(Strict):
+    """One split of a dataset on disk: a COCO folder (images + instances JSON) or an ImageFolder tree."""
+
+    images: str = Field(description="folder of images (relative to the params file)")
+    annotations: str | None = Field(
+        None, description="COCO instances JSON (required unless layout is imagefolder)"
+    )
+    layout: Literal["coco", "imagefolder"] = "coco"
+    categories: list[str] | None = Field(None, min_length=1, description="keep only these category names")
+    mini: int | None = Field(None, gt=0, description="a seeded random sample of this many images")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _annotations(self) -> CocoSplitSpec:
+        if self.layout == "coco" and not self.annotations:
+            raise ValueError("a coco split needs 'annotations' (the instances JSON)")
+        if self.layout == "imagefolder" and self.annotations:
+            raise ValueError("an imagefolder split takes no 'annotations' (classes are the subfolders)")
+        return self
+
+
+class CocoDatasetParams(Strict):
+    """A dataset already on disk (COCO format or ImageFolder); ``prepare`` only validates it."""
+
+    kind: Literal["coco"]
+    name: Slug
+    splits: dict[Slug, CocoSplitSpec] = Field(min_length=1)
+
+
+def _dataset_kind(v: Any) -> str:
+    return v.get("kind", "toyworld") if isinstance(v, dict) else getattr(v, "kind", "toyworld")
+
+
+AnyDatasetParams = Annotated[
+    Annotated[DatasetParams, Tag("toyworld")] | Annotated[CocoDatasetParams, Tag("coco")],
+    Discriminator(_dataset_kind),
+]
 
 
 class TrainParams(Strict):
@@ -111,8 +151,48 @@ class VlmModelParams(Strict):
     train: TrainParams
 
 
-ModelParams = Annotated[DetectorModelParams | VlmModelParams, Field(discriminator="kind")]
-MODEL_KINDS = ("toy-detector", "toy-vlm")
+class AdapterParams(Strict):
+    """Settings of a real model's adapter (``blueglass.models.common.AdapterOptions``; docs/models.md)."""
+
+    image_size: int | None = Field(
+        None, ge=16, le=4096, description="square model input; default: the processor's"
+    )
+    fit: Literal["stretch", "letterbox"] | None = None
+    score_threshold: float = Field(0.05, ge=0, lt=1)
+    nms_iou: float | None = Field(None, gt=0, le=1)
+    max_detections: int = Field(100, gt=0, le=10_000)
+    prompt_template: str | None = Field(None, pattern=r"\{category\}")
+    vocabulary: list[str] | None = Field(None, min_length=1)
+    top_k: int = Field(1, ge=1, le=100)
+    oov_threshold: float = Field(0.5, ge=-1, le=1)
+    score_scaling: Literal["none", "similarity"] = "none"
+
+    def adapter_options(self) -> dict[str, Any]:
+        return self.model_dump(include=set(AdapterParams.model_fields))
+
+
+class HFModelParams(AdapterParams):
+    """A transformers ``save_pretrained`` folder on local disk (never downloaded)."""
+
+    kind: Literal["hf"]
+    path: str = Field(description="the model folder, relative to the params file")
+
+
+class TorchvisionModelParams(AdapterParams):
+    """A torchvision model built by ``arch`` with a local state dict (never downloaded)."""
+
+    kind: Literal["torchvision"]
+    arch: str
+    weights: str = Field(description="state dict file (.safetensors / .pth), relative to the params file")
+    classes: list[str] | None = Field(None, min_length=1, description="default: torchvision's list for arch")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+ModelParams = Annotated[
+    DetectorModelParams | VlmModelParams | HFModelParams | TorchvisionModelParams, Field(discriminator="kind")
+]
+MODEL_KINDS = ("toy-detector", "toy-vlm", "hf", "torchvision")
+TRAINABLE_KINDS = ("toy-detector", "toy-vlm")
 
 
 class RuntimeParams(Strict):
@@ -206,6 +286,8 @@ class ProbeParams(Strict):
 
 
 SAE_MEMBER_KEYS = ("variant", "expansion", "k", "l1_coeff", "l0_coeff", "aux_k", "dead_tokens", "lr")
+
+
 class SaeRun(Strict):
     """SAEs on one Lens point. Without ``sweep``: one SAE from these settings. With ``sweep``: one SAE per
     entry (these settings overridden by the entry's), all trained from the same pass over the data."""
@@ -255,7 +337,7 @@ class SaeParams(Strict):
 
 
 class Params(Strict):
-    dataset: DatasetParams
+    dataset: AnyDatasetParams
     models: dict[Slug, ModelParams] = Field(min_length=1)
     runtime: RuntimeParams = RuntimeParams()
     tracking: TrackingParams = TrackingParams()
@@ -303,6 +385,8 @@ def _format_error(err: dict[str, Any]) -> str:
     # A tagged union puts the tag into the location (models.<name>.<kind>.key): drop it.
     if len(loc) > 2 and loc[0] == "models" and loc[2] in MODEL_KINDS:
         del loc[2]
+    if len(loc) > 1 and loc[0] == "dataset" and loc[1] in ("toyworld", "coco"):
+        del loc[1]
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"

@@ -73,3 +73,67 @@ def test_missing_files(tmp_path, split):
     (split / "annotations.json").unlink()
     with pytest.raises(DatasetError, match="annotation file not found"):
         CocoDataset.load(split)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), "malformed bbox"),
+        (lambda d: d["annotations"].append(dict(d["annotations"][0])), "duplicate annotation id"),
+        (lambda d: d["images"].append(dict(d["images"][0])), "duplicate image id"),
+        (lambda d: d["images"][0].pop("width"), "image entry lacks 'width'"),
+        (lambda d: d["categories"][0].pop("name"), "a category lacks 'id' or 'name'"),
+    ],
+)
+def test_rejects_more_bad_annotations(split, edit, message):
+    _edit(split, edit)
+    with pytest.raises(DatasetError, match=message):
+        CocoDataset.load(split)
+
+
+def test_not_json(split):
+    (split / "annotations.json").write_text("{nope")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        CocoDataset.load(split)
+
+
+def test_category_subset_and_mini_split(split):
+    full = CocoDataset.load(split)
+    sub = CocoDataset.load(split, categories=["circle"])
+    assert sub.category_names == ["circle"] and len(sub) == len(full)
+    assert all(a.category_id == 1 for r in sub.images for a in r.annotations)
+    assert sub.fingerprint != full.fingerprint
+    with pytest.raises(DatasetError, match=r"unknown category \['hexagon'\].*circle, square, triangle"):
+        CocoDataset.load(split, categories=["hexagon"])
+    mini = CocoDataset.load(split, mini=4, seed=1)
+    again = CocoDataset.load(split, mini=4, seed=1)
+    other = CocoDataset.load(split, mini=4, seed=2)
+    assert len(mini) == 4 and [r.id for r in mini.images] == [r.id for r in again.images]
+    assert [r.id for r in mini.images] != [r.id for r in other.images]
+    ids = {r.id for r in mini.images}
+    assert {a["image_id"] for a in mini.coco_dict()["annotations"]} <= ids
+    assert mini.fingerprint == again.fingerprint != other.fingerprint
+
+
+def test_image_folder(tmp_path, split):
+    full = CocoDataset.load(split)
+    root = tmp_path / "imagefolder"
+    for r in full.images:
+        cls = full.categories[r.annotations[0].category_id]
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        shutil.copy(r.path, root / cls / r.file_name)
+    (root / "circle" / "notes.txt").write_text("not an image")
+    ds = CocoDataset.from_image_folder(root)
+    assert len(ds) == 10 and set(ds.category_names) <= {"circle", "square", "triangle"}
+    rec = ds.images[0]
+    assert len(rec.annotations) == 1 and rec.annotations[0].bbox == (0, 0, rec.width, rec.height)
+    assert ds.load_image(rec).shape == (64, 64, 3) and len(ds.fingerprint) == 64
+    assert len(CocoDataset.from_image_folder(root, mini=3)) == 3
+    with pytest.raises(DatasetError, match="image folder not found"):
+        CocoDataset.from_image_folder(tmp_path / "nope")
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(DatasetError, match="no class subfolders"):
+        CocoDataset.from_image_folder(tmp_path / "flat")
+    (root / "circle" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="broken.png: not a readable image"):
+        CocoDataset.from_image_folder(root)

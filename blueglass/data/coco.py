@@ -2,7 +2,10 @@
 
 A dataset is a folder of images plus a COCO ``instances`` JSON. Loading validates what later stages rely
 on — every image file exists, every box lies inside its image with positive size, every annotation names
-a known image and category — and fails with one clear line otherwise.
+a known image and category — and fails with one clear line otherwise. A load may keep a subset of the
+categories (by name) and draw a ``mini`` split (a seeded random sample of images); both are part of the
+fingerprint. An image-classification tree (``<root>/<class>/<image>``, torchvision's ImageFolder layout)
+loads as the same kind of dataset: one whole-image object per image (:meth:`CocoDataset.from_image_folder`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from PIL import Image
 from blueglass.errors import DatasetError
 
 _BOX_TOLERANCE = 1.0  # pixels a box may overhang the image edge (rounding in real annotations)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -57,11 +61,21 @@ class CocoDataset:
     ``annotations/instances_val2017.json`` + ``val2017/``.
     """
 
-    def __init__(self, root: Path, annotation_file: Path, image_dir: Path, doc: dict[str, Any]):
+    def __init__(
+        self,
+        root: Path,
+        annotation_file: Path | None,
+        image_dir: Path,
+        doc: dict[str, Any],
+        selection: str = "",
+    ):
         self.root = root
         self.annotation_file = annotation_file
         self.image_dir = image_dir
         self._doc = doc
+        self.selection = selection  # how this view was drawn from the files (subset / mini); fingerprinted
+        self.name = root.parent.name  # dataset and split names (recipes set them from params)
+        self.split = root.name
         self.categories: dict[int, str] = {int(c["id"]): str(c["name"]) for c in doc["categories"]}
         self.concepts: dict[str, list[str]] = {k: list(v) for k, v in doc.get("concepts", {}).items()}
         by_image: dict[int, list[Annotation]] = {}
@@ -98,7 +112,11 @@ class CocoDataset:
         annotation_file: str | Path = "annotations.json",
         image_dir: str | Path = "images",
         check_files: bool = True,
+        categories: list[str] | None = None,
+        mini: int | None = None,
+        seed: int = 0,
     ) -> CocoDataset:
+        """Load and validate; optionally keep only ``categories`` (names) and a seeded ``mini`` sample."""
         root = Path(folder)
         ann_path = root / annotation_file
         img_dir = root / image_dir
@@ -114,7 +132,8 @@ class CocoDataset:
             if not isinstance(doc.get(key), list):
                 raise DatasetError(f"{ann_path}: missing the COCO '{key}' list")
         cls._validate(doc, ann_path)
-        ds = cls(root, ann_path, img_dir, doc)
+        doc, selection = cls._select(doc, ann_path, categories, mini, seed)
+        ds = cls(root, ann_path, img_dir, doc, selection)
         if check_files:
             missing = [im.file_name for im in ds.images if not im.path.is_file()]
             if missing:
@@ -123,6 +142,81 @@ class CocoDataset:
                     f"(first: {missing[0]})"
                 )
         return ds
+
+    @staticmethod
+    def _select(
+        doc: dict[str, Any], where: Path, categories: list[str] | None, mini: int | None, seed: int
+    ) -> tuple[dict[str, Any], str]:
+        """The category subset and the ``mini`` image sample of a validated document."""
+        parts = []
+        if categories is not None:
+            names = {str(c["name"]): int(c["id"]) for c in doc["categories"]}
+            unknown = [c for c in categories if c not in names]
+            if unknown:
+                raise DatasetError(
+                    f"{where}: unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown} "
+                    f"(the file has: {', '.join(sorted(names)[:20])}{' …' if len(names) > 20 else ''})"
+                )
+            keep = {names[c] for c in categories}
+            doc = {
+                **doc,
+                "categories": [c for c in doc["categories"] if int(c["id"]) in keep],
+                "annotations": [a for a in doc.get("annotations", []) if int(a["category_id"]) in keep],
+            }
+            parts.append("categories=" + ",".join(sorted(categories)))
+        if mini is not None and mini < len(doc["images"]):
+            rng = np.random.default_rng(seed)
+            pick = np.sort(rng.choice(len(doc["images"]), size=mini, replace=False))
+            images = [doc["images"][i] for i in pick]
+            ids = {int(im["id"]) for im in images}
+            doc = {
+                **doc,
+                "images": images,
+                "annotations": [a for a in doc.get("annotations", []) if int(a["image_id"]) in ids],
+            }
+            parts.append(f"mini={mini},seed={seed}")
+        return doc, ";".join(parts)
+
+    @classmethod
+    def from_image_folder(
+        cls,
+        folder: str | Path,
+        *,
+        mini: int | None = None,
+        seed: int = 0,
+        categories: list[str] | None = None,
+    ) -> CocoDataset:
+        """An ImageFolder tree (``<folder>/<class>/<image>``): classes are the sorted subfolder names
+        (ids 1…K); every image is one object of its class covering the whole image."""
+        root = Path(folder)
+        if not root.is_dir():
+            raise DatasetError(f"{root}: image folder not found")
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not classes:
+            raise DatasetError(f"{root}: no class subfolders (expected <root>/<class>/<image>)")
+        doc: dict[str, Any] = {
+            "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)],
+            "images": [],
+            "annotations": [],
+        }
+        for ci, c in enumerate(classes):
+            for f in sorted((root / c).iterdir()):
+                if f.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                try:
+                    with Image.open(f) as im:
+                        w, h = im.size
+                except OSError:
+                    raise DatasetError(f"{f}: not a readable image") from None
+                iid = len(doc["images"]) + 1
+                doc["images"].append({"id": iid, "file_name": f"{c}/{f.name}", "width": w, "height": h})
+                doc["annotations"].append(
+                    {"id": iid, "image_id": iid, "category_id": ci + 1, "bbox": [0, 0, w, h], "area": w * h}
+                )
+        if not doc["images"]:
+            raise DatasetError(f"{root}: no images in the class subfolders ({', '.join(IMAGE_SUFFIXES)})")
+        doc, selection = cls._select(doc, root, categories, mini, seed)
+        return cls(root, None, root, doc, selection or "imagefolder")
 
     @staticmethod
     def _validate(doc: dict[str, Any], where: Path) -> None:
@@ -189,7 +283,12 @@ class CocoDataset:
         Reading every image byte would make fingerprinting a real dataset slow; a changed image nearly
         always changes its size, and any relabelling changes the annotation file.
         """
-        h = hashlib.sha256(self.annotation_file.read_bytes())
+        if self.annotation_file is not None:
+            h = hashlib.sha256(self.annotation_file.read_bytes())
+        else:  # an ImageFolder: the class list stands in for the annotation file
+            h = hashlib.sha256(json.dumps(self._doc["categories"], sort_keys=True).encode())
+        if self.selection:
+            h.update(f"selection\0{self.selection}\n".encode())
         for im in sorted(self.images, key=lambda r: r.file_name):
             size = im.path.stat().st_size if im.path.exists() else -1
             h.update(f"{im.file_name}\0{size}\n".encode())

@@ -191,8 +191,8 @@ def record_lens(
     manifest = {
         "created_by": f"blueglass {blueglass.__version__}",
         "dataset": {
-            "name": ds.root.parent.name,
-            "split": ds.root.name,
+            "name": getattr(ds, "name", ds.root.parent.name),
+            "split": getattr(ds, "split", ds.root.name),
             "fingerprint": ds.fingerprint,
             "images": len(ds),
         },

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from blueglass.config import Params
-from blueglass.errors import ModelError
 from blueglass.evaluation.runner import evaluate, headline_metrics
 from blueglass.runtime import progress, setup, write_json, write_text
 from blueglass.stages.train_model import load_split
@@ -28,6 +27,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     lines = ["# Benchmark", ""]
     det = {k: v for k, v in results.items() if v["task"] == "detection"}
     zs = {k: v for k, v in results.items() if v["task"] == "zero_shot"}
+    cls = {k: v for k, v in results.items() if v["task"] in ("classification", "embedding")}
     if det:
         lines += [
             "## Detection (COCO box metrics)",
@@ -52,21 +52,23 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             cells = [_fmt(m.get(f, {}).get("accuracy")) for f in fams]
             lines.append(f"| {key} | {m['images']} | {_fmt(m.get('accuracy'))} | " + " | ".join(cells) + " |")
         lines.append("")
+    if cls:
+        lines += ["## Classification (accuracy, single-object images)", ""]
+        lines += ["| model@split | task | images | accuracy |", "|---|---|---|---|"]
+        for key, m in cls.items():
+            lines.append(f"| {key} | {m['task']} | {m['images']} | {_fmt(m.get('accuracy'))} |")
+        lines.append("")
     return "\n".join(lines)
 
 
 def run(params: Params, base: Path) -> dict[str, dict[str, Any]]:
-    from blueglass.models import load_adapter
+    from blueglass.models import model_location, open_model
 
     bp = params.benchmark
     # Resolve every input before any work, so a missing model or split fails fast with nothing written.
     pairs = []
     for run_ in bp.runs:
-        folder = base / "models" / run_.model
-        if not folder.is_dir():
-            raise ModelError(
-                f"{folder}: model folder not found (run `blueglass train-model {run_.model}` first)"
-            )
+        folder = model_location(params, base, run_.model)
         pairs.append((run_, folder, load_split(params, base, run_.split)))
     rt = setup(params.runtime)
     import torch
@@ -84,7 +86,7 @@ def run(params: Params, base: Path) -> dict[str, dict[str, Any]]:
         parent.log_params({"benchmark": bp.model_dump(), "runtime": rt})
         for run_, folder, ds in pairs:
             key = f"{run_.model}@{run_.split}"
-            adapter = load_adapter(folder, device=rt["device"])
+            adapter = open_model(params, base, run_.model, device=rt["device"])
             task = bar.add_task(f"benchmark {key}", total=len(ds), info="")
             with torch.no_grad():
                 m = evaluate(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from blueglass.config import Params
-from blueglass.errors import ConfigError, ModelError
+from blueglass.errors import ConfigError
 from blueglass.runtime import progress, setup, write_json
 from blueglass.stages.train_model import load_split
 from blueglass.tracking import start_run
@@ -34,17 +34,16 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any] | None:
         raise ConfigError(f"extract.lenses.{name}: no such Lens (lenses: {known})")
     ep = params.extract
     spec = ep.lenses[name]
-    folder = base / "models" / spec.model
-    if not folder.is_dir():
-        raise ModelError(f"{folder}: model folder not found (run `blueglass train-model {spec.model}` first)")
+    from blueglass.models import model_location, open_model
+
+    folder = model_location(params, base, spec.model)
     ds = load_split(params, base, spec.split)
     rt = setup(params.runtime)
     rank, world = _distributed()
 
     from blueglass.features.extract import lens_md5, record_lens
-    from blueglass.models import load_adapter
 
-    adapter = load_adapter(folder, device=rt["device"])
+    adapter = open_model(params, base, spec.model, device=rt["device"])
     if spec.control:
         adapter.reinitialize(spec.control_seed)
     out = base / "lens" / name

@@ -1,4 +1,5 @@
-"""``prepare``: generate the toy world as a COCO-format dataset (train/val/test/… splits)."""
+"""``prepare``: generate the toy world as a COCO-format dataset (train/val/test/… splits), or validate a
+dataset already on disk (``dataset.kind: coco``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,26 @@ from blueglass.runtime import progress, write_json
 from blueglass.tracking import start_run
 
 
+def _check_on_disk(params: Params, base: Path) -> dict:
+    """A dataset on disk (``kind: coco``) is not generated: every split is loaded and validated."""
+    from blueglass.stages.train_model import load_split
+
+    summary = {}
+    for name in params.dataset.splits:
+        split = load_split(params, base, name)
+        summary[name] = {
+            "images": len(split),
+            "objects": sum(len(r.annotations) for r in split.images),
+            "categories": len(split.categories),
+            "fingerprint": split.fingerprint,
+        }
+    write_json(base / "metrics" / "prepare.json", summary)
+    return summary
+
+
 def run(params: Params, base: Path) -> dict:
+    if params.dataset.kind == "coco":
+        return _check_on_disk(params, base)
     ds = params.dataset
     out = base / ds.path
     splits = {name: (s.images, s.min_objects, s.max_objects) for name, s in ds.splits.items()}

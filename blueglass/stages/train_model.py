@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from blueglass.config import DetectorModelParams, Params, VlmModelParams
+from blueglass.config import TRAINABLE_KINDS, DetectorModelParams, Params, VlmModelParams
 from blueglass.data import CocoDataset
 from blueglass.errors import ConfigError, DatasetError
 from blueglass.evaluation.runner import HEADLINE, evaluate, headline_metrics
@@ -15,7 +15,23 @@ from blueglass.tracking import register_model, start_run
 
 
 def load_split(params: Params, base: Path, split: str) -> CocoDataset:
-    folder = base / params.dataset.path / split
+    """A split of the params' dataset: the generated toy world, or a COCO / ImageFolder split on disk."""
+    ds_params = params.dataset
+    if ds_params.kind == "coco":
+        if split not in ds_params.splits:
+            raise ConfigError(
+                f"dataset.splits.{split}: no such split (splits: {', '.join(ds_params.splits)})"
+            )
+        spec = ds_params.splits[split]
+        images = base / spec.images
+        select = {"categories": spec.categories, "mini": spec.mini, "seed": spec.seed}
+        if spec.layout == "imagefolder":
+            ds = CocoDataset.from_image_folder(images, **select)
+        else:
+            ds = CocoDataset.load(images, annotation_file=base / spec.annotations, image_dir=".", **select)
+        ds.name, ds.split = ds_params.name, split
+        return ds
+    folder = base / ds_params.path / split
     if not folder.exists():
         raise DatasetError(f"{folder}: split not found (run `blueglass prepare` first)")
     return CocoDataset.load(folder)
@@ -25,6 +41,11 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
     if name not in params.models:
         raise ConfigError(f"models.{name}: no such model (models: {', '.join(params.models)})")
     mp = params.models[name]
+    if mp.kind not in TRAINABLE_KINDS:
+        raise ConfigError(
+            f"models.{name}: kind {mp.kind!r} is a model on disk, not trained by BlueGlass "
+            "(benchmark and extract use its weights directly)"
+        )
     train_ds = load_split(params, base, "train")
     val_ds = load_split(params, base, "val")
     rt = setup(params.runtime)
@@ -101,7 +122,7 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
             name,
             description=(
                 f"Embedded {mp.kind} trained by the BlueGlass pipeline for {mp.train.steps} steps on "
-                f"'{params.dataset.name}' (seed {params.dataset.seed}); metrics are on the val split. "
+                f"'{params.dataset.name}' (seed {getattr(params.dataset, 'seed', None)}); metrics are on the val split. "
                 f"Headline metric: {headline}."
             ),
             metrics={f"val.{k}": v for k, v in flat.items()} | {headline: flat.get(headline)},

@@ -16,9 +16,9 @@ from blueglass.interp.ranks import auroc_from_ranks, average_ranks
 
 
 def best_latent_auroc(
-    codes: np.ndarray, meta: np.ndarray, concepts: Mapping[str, Sequence[str]]
+    codes: np.ndarray, meta: np.ndarray, concepts: Mapping[str, Sequence[str]], top: int = 5
 ) -> dict[str, dict]:
-    """``{concept: {"values": {value: {"auroc", "latent"}}, "mean_best_auroc": float}}``."""
+    """``{concept: {"values": {value: {"auroc", "latent", "top"}}, "mean_best_auroc": float}}``."""
     out: dict[str, dict] = {}
     for concept, vocab in concepts.items():
         if concept not in meta.dtype.names:
@@ -36,8 +36,12 @@ def best_latent_auroc(
             if n_pos == 0 or n_neg == 0:
                 continue
             auc = auroc_from_ranks(ranks, pos)
-            best = int(np.argmax(auc))
-            values[value] = {"auroc": float(auc[best]), "latent": best}
+            order = np.argsort(-auc, kind="stable")[:top]
+            values[value] = {
+                "auroc": float(auc[order[0]]),
+                "latent": int(order[0]),
+                "top": [[int(j), float(auc[j])] for j in order],  # the `top` best latents, best first
+            }
         if values:
             out[concept] = {
                 "values": values,

@@ -11,8 +11,10 @@ Shared mechanics (``SparseAutoencoder``):
 * aux-k (TopK family): the ``aux_k`` most active *dead* latents (no firing in the last ``dead_tokens``
   tokens) reconstruct the residual ``x − x̂`` (x̂ detached); the loss is that error normalised by the
   residual's variance, as in Gao et al. (2024);
-* TopK-style encoders back-propagate only through the ``k`` selected latents per row and decode with
-  ``embedding_bag`` (:class:`TopKEncode`), never a dense ``[batch, d_sae]`` backward.
+* TopK-style encoders select the exact top-k with two small top-k's instead of one over the whole row
+  (:func:`topk_exact`), back-propagate only through the ``k`` selected latents per row
+  (:class:`TopKEncode`) and decode sparsely (:class:`SparseDecode`: ``embedding_bag`` forward, a sampled
+  product and a pre-sorted transposed CSR backward), never a dense ``[batch, d_sae]`` backward.
 
 On disk: SAELens' layout — ``cfg.json`` + ``sae_weights.safetensors`` (``W_enc, b_enc, W_dec, b_dec`` and
 ``threshold`` for JumpReLU / BatchTopK).
@@ -68,81 +70,156 @@ class SAEConfig:
             self.matryoshka_prefixes = p
 
 
-def _csr(vals: torch.Tensor, idx: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """``[rows, k]`` (values, column indices sorted per row) as a CSR matrix ``[rows, n_cols]``."""
-    rows, k = idx.shape
-    crow = torch.arange(0, rows * k + 1, k, device=idx.device)
-    return torch.sparse_csr_tensor(
-        crow, idx.reshape(-1), vals.reshape(-1), size=(rows, n_cols), check_invariants=False
-    )
+def _chunk_size(d_sae: int, k: int) -> int:
+    """Chunk width for :func:`topk_exact` (1 = plain ``torch.topk``): ~sqrt(d_sae / k), dividing d_sae."""
+    if d_sae < 8 * k:
+        return 1
+    target = math.sqrt(d_sae / k)
+    divisors = [c for c in range(2, 65) if d_sae % c == 0 and d_sae // c >= 2 * k]
+    return min(divisors, key=lambda c: abs(math.log(c / target)), default=1)
+
+
+def topk_exact(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact per-row top-``k`` of ``pre [rows, n]`` as (values, indices), in no particular order.
+
+    Two small top-k's instead of one over the whole row (``torch.topk`` on a CPU costs about as much per
+    element as a d_in=256 GEMM). Columns are split into ``n / c`` strided chunks ``{j, j + n/c, …}``; every
+    element of the row's top-k lies in one of the ``k`` chunks with the largest maxima (were it outside,
+    those ``k`` maxima would be ``k`` larger elements), so the top-k of those ``k · c`` candidates is the
+    row's top-k (ties aside: any unselected element is ≤ every selected one).
+    """
+    rows, n = pre.shape
+    c = _chunk_size(n, k)
+    if c == 1:
+        return pre.topk(k, dim=-1, sorted=False)
+    nc = n // c
+    chunk_max = pre.view(rows, c, nc).amax(1)  # elementwise max over c contiguous slices: vectorised
+    chunks = chunk_max.topk(k, dim=-1, sorted=False).indices  # [rows, k]
+    cand = (chunks.unsqueeze(-1) + torch.arange(0, n, nc, device=pre.device)).view(rows, k * c)
+    vals, pos = pre.gather(1, cand).topk(k, dim=-1, sorted=False)
+    return vals, cand.gather(1, pos)
+
+
+class SparsePattern:
+    """The (row, latent) pairs of ``idx [rows, k]``, also sorted by latent (stable, so rows ascend)."""
+
+    def __init__(self, idx: torch.Tensor, n_cols: int):
+        rows, k = idx.shape
+        flat = idx.reshape(-1)
+        self.idx, self.n_cols = idx, n_cols
+        # stable radix sort on the narrowest integer type (int16 sorts ~3x faster than int64 on a CPU)
+        key = flat.to(torch.int16 if n_cols <= torch.iinfo(torch.int16).max else torch.int32)
+        self.order = key.sort(stable=True).indices
+        self.t_crow = torch.zeros(n_cols + 1, dtype=torch.long, device=idx.device)
+        self.t_crow[1:] = torch.bincount(flat, minlength=n_cols).cumsum(0)
+        self.t_col = self.order // k
+
+    def csr(self, vals: torch.Tensor) -> torch.Tensor:
+        """``[rows, n_cols]`` CSR with ``vals`` at the pattern (columns in ``idx``'s order)."""
+        rows, k = self.idx.shape
+        crow = torch.arange(0, rows * k + 1, k, device=vals.device)
+        return torch.sparse_csr_tensor(
+            crow, self.idx.reshape(-1), vals.reshape(-1), size=(rows, self.n_cols), check_invariants=False
+        )
+
+    def csr_t(self, vals: torch.Tensor) -> torch.Tensor:
+        """The transpose ``[n_cols, rows]`` as CSR (no conversion: the sort was done once)."""
+        return torch.sparse_csr_tensor(
+            self.t_crow,
+            self.t_col,
+            vals.reshape(-1)[self.order],
+            size=(self.n_cols, self.idx.shape[0]),
+            check_invariants=False,
+        )
+
+    def sampled_mm(self, a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+        """``(a @ b_tᵀ)[r, idx[r, j]]`` as ``[rows, k]``, computing only those entries."""
+        ones = torch.ones(self.idx.shape, dtype=a.dtype, device=a.device)
+        return torch.sparse.sampled_addmm(self.csr(ones), a, b_t.t(), beta=0.0).values().view(self.idx.shape)
 
 
 class TopKEncode(torch.autograd.Function):
-    """``top-k(relu(x W + b))`` as (values, indices sorted per row).
+    """``top-k(relu((x − b_dec) W + b))`` as (values, indices); backward through the k selected only.
 
-    Forward: one dense GEMM and a top-k. Backward: only the k selected latents per row, as CSR products
-    (``[batch, d_sae]`` is never materialised densely): measured on 2 CPU cores at batch 4096, d_in 256,
-    d_sae 2048, k 32, the two weight/input gradients take ~9 ms instead of ~40 ms of dense GEMMs.
+    ``TopKEncode.apply(x, w_enc, b_enc, k[, b_dec, patterns])``: ``b_dec`` (optional) is subtracted from
+    ``x`` inside; ``patterns`` (optional list) receives the :class:`SparsePattern` of the indices, to be
+    shared with :func:`sparse_decode`. Forward: one dense GEMM and :func:`topk_exact`. Backward, with ``g``
+    the relu-gated value gradient: ``∂W_enc = (CSRᵀ(g) @ xc)ᵀ``, ``∂b_enc`` a scatter-add over the
+    selected pairs, ``∂x = CSR(g) @ W_encᵀ`` (only when ``x`` needs it) and ``∂b_dec = −W_enc ∂b_enc``
+    (the column sum of ``−∂x``, without forming ``∂x``). Nothing ``[batch, d_sae]`` is touched backward.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, k: int):
-        pre = torch.addmm(b_enc, x, w_enc)  # the one dense GEMM
-        vals, idx = pre.topk(k, dim=-1, sorted=False)
-        idx, order = idx.sort(dim=-1)  # CSR wants sorted column indices
-        vals = vals.gather(1, order).clamp_min(0)
-        ctx.save_for_backward(x, w_enc, vals, idx)
+    def forward(ctx, x, w_enc, b_enc, k: int, b_dec=None, patterns=None):
+        xc = x if b_dec is None else x - b_dec
+        pre = torch.addmm(b_enc, xc, w_enc)  # the one dense GEMM
+        vals, idx = topk_exact(pre, k)
+        del pre
+        vals = vals.clamp_min_(0)
+        pattern = SparsePattern(idx, w_enc.shape[1])
+        if patterns is not None:
+            patterns.append(pattern)
+        ctx.pattern = pattern
+        ctx.save_for_backward(xc, w_enc, vals)
+        ctx.mark_non_differentiable(idx)
         return vals, idx
 
     @staticmethod
-    def backward(ctx, grad_vals: torch.Tensor, _grad_idx):
-        x, w_enc, vals, idx = ctx.saved_tensors
-        g = (grad_vals * (vals > 0)).contiguous()  # relu gate
-        m = w_enc.shape[1]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _csr(g, idx, m) @ w_enc.t().contiguous()  # Σ_j g_j · W_enc[:, idx_j]
-        if ctx.needs_input_grad[1]:
-            grad_w = (_csr(g, idx, m).t() @ x).t()  # only the selected columns receive gradient
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(
-                0, idx.reshape(-1), g.reshape(-1)
+    def backward(ctx, grad_vals, _grad_idx):
+        xc, w_enc, vals = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
+        need = ctx.needs_input_grad
+        need_bdec = len(need) > 4 and need[4]
+        g = grad_vals * (vals > 0)  # relu gate
+        grad_x = grad_w = grad_b = grad_bdec = None
+        if need[2] or need_bdec:
+            grad_b = torch.zeros(w_enc.shape[1], dtype=g.dtype, device=g.device).index_add_(
+                0, pattern.idx.reshape(-1), g.reshape(-1)
             )
-        return grad_x, grad_w, grad_b, None
+        if need[1]:
+            grad_w = (pattern.csr_t(g) @ xc).t()  # only the selected columns receive gradient
+        if need[0]:
+            grad_x = pattern.csr(g) @ w_enc.t()
+        if need_bdec:
+            grad_bdec = -(w_enc @ grad_b)
+        if not need[2]:
+            grad_b = None
+        return (grad_x, grad_w, grad_b, None, grad_bdec, None)[: len(need)]
 
 
 class SparseDecode(torch.autograd.Function):
-    """``Σ_j vals_j · W_dec[idx_j]`` from (values, sorted indices) without a dense ``[batch, d_sae]`` forward.
+    """``Σ_j vals_j · W_dec[idx_j]`` from (values, indices) without a dense ``[batch, d_sae]``.
 
-    The values' gradient ``<grad_out, W_dec[idx_j]>`` is taken from one dense GEMM followed by a gather:
-    on a CPU that beats gathering ``batch · k`` decoder rows (memory-bound) by ~3×.
+    Forward: ``embedding_bag``. Backward: the values' gradient ``<grad_out, W_dec[idx_j]>`` by a sampled
+    product at the k pairs per row only, and ``∂W_dec = CSRᵀ(vals) @ grad_out``.
     """
 
     @staticmethod
-    def forward(ctx, vals: torch.Tensor, idx: torch.Tensor, w_dec: torch.Tensor):
-        ctx.save_for_backward(vals, idx, w_dec)
-        return _csr(vals.contiguous(), idx, w_dec.shape[0]) @ w_dec
+    def forward(ctx, vals, idx, w_dec, pattern):
+        ctx.pattern = pattern
+        ctx.save_for_backward(vals, w_dec)
+        return F.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum")
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        vals, idx, w_dec = ctx.saved_tensors
+    def backward(ctx, grad_out):
+        vals, w_dec = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
+        grad_out = grad_out.contiguous()
         grad_vals = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_vals = (grad_out @ w_dec.t()).gather(1, idx)
+            grad_vals = pattern.sampled_mm(grad_out, w_dec)
         if ctx.needs_input_grad[2]:
-            grad_w = _csr(vals.contiguous(), idx, w_dec.shape[0]).t() @ grad_out
-        return grad_vals, None, grad_w
+            grad_w = pattern.csr_t(vals) @ grad_out
+        return grad_vals, None, grad_w, None
 
 
-def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
-    """``Σ_j vals_j · W_dec[idx_j]`` without materialising ``[batch, d_sae]``.
-
-    Indices must be sorted per row (as :class:`TopKEncode` returns them); other callers get a sort.
-    """
-    if idx.shape[1] > 1 and not bool((idx[:, 1:] >= idx[:, :-1]).all()):
-        idx, order = idx.sort(dim=-1)
-        vals = vals.gather(1, order)
-    return SparseDecode.apply(vals, idx, w_dec)
+def sparse_decode(
+    vals: torch.Tensor, idx: torch.Tensor, w_dec: torch.Tensor, pattern: SparsePattern | None = None
+) -> torch.Tensor:
+    """``Σ_j vals_j · W_dec[idx_j]`` without materialising ``[batch, d_sae]`` (indices in any order)."""
+    if pattern is None:
+        pattern = SparsePattern(idx, w_dec.shape[0])
+    return SparseDecode.apply(vals.contiguous(), idx, w_dec, pattern)
 
 
 class _JumpStep(torch.autograd.Function):
@@ -234,16 +311,20 @@ class SparseAutoencoder(nn.Module):
         """Loss terms and statistics for one batch of raw activations (``loss`` is the total)."""
         cfg = self.cfg
         xs = x.float() * self.input_scale
-        xc = xs - self.b_dec
+        xc = xs - self.b_dec if cfg.variant not in ("topk", "matryoshka") else None
         out: dict[str, torch.Tensor] = {}
+        mse = None
         fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x.device)
         if cfg.variant in ("topk", "matryoshka"):
-            vals, idx = TopKEncode.apply(xc, self.W_enc, self.b_enc, cfg.k)
+            patterns: list[SparsePattern] = []
+            vals, idx = TopKEncode.apply(xs, self.W_enc, self.b_enc, cfg.k, self.b_dec, patterns)
+            pattern = patterns[0]
             if cfg.variant == "topk":
-                x_hat = sparse_decode(vals, idx, self.W_dec) + self.b_dec
+                x_hat = sparse_decode(vals, idx, self.W_dec, pattern) + self.b_dec
                 recon = (x_hat - xs).pow(2).sum(-1).mean()
+                mse = recon.detach()
             else:
-                recon, x_hat = self._matryoshka_loss(xs, vals, idx)
+                recon, x_hat, mse = self._matryoshka_loss(xs, vals, idx, pattern)
             fired[idx[vals > 0]] = True
             out["l0"] = (vals > 0).sum(-1).float().mean()
             pre_for_aux = None
@@ -289,27 +370,30 @@ class SparseAutoencoder(nn.Module):
         with torch.no_grad():
             self.tokens_since_fired.add_(x.shape[0])
             self.tokens_since_fired[fired] = 0
-        out["mse"] = (x_hat.detach() - xs).pow(2).sum(-1).mean()
+        out["mse"] = mse if mse is not None else (x_hat.detach() - xs).pow(2).sum(-1).mean()
         loss = recon
         if cfg.aux_k and cfg.variant in ("topk", "batchtopk", "matryoshka"):
             dead = self.tokens_since_fired >= cfg.dead_tokens
             if dead.any():
-                pre = pre_for_aux if pre_for_aux is not None else xc @ self.W_enc + self.b_enc
+                if pre_for_aux is not None:
+                    pre = pre_for_aux
+                else:
+                    pre = torch.addmm(self.b_enc, xs - self.b_dec if xc is None else xc, self.W_enc)
                 aux = aux_k_loss(xs - x_hat.detach(), pre, dead, self.W_dec, cfg.aux_k)
                 out["aux"] = aux
                 loss = loss + cfg.aux_coeff * aux
         out["loss"] = loss
         return out
 
-    def _matryoshka_loss(self, xs, vals, idx):
+    def _matryoshka_loss(self, xs, vals, idx, pattern):
         """Mean reconstruction loss over nested dictionaries: latents ``< m`` for each prefix ``m``."""
         losses = []
         x_hat = None
         for m in self.cfg.matryoshka_prefixes:
             v = vals * (idx < m)
-            x_hat = sparse_decode(v, idx, self.W_dec) + self.b_dec
+            x_hat = sparse_decode(v, idx, self.W_dec, pattern) + self.b_dec
             losses.append((x_hat - xs).pow(2).sum(-1).mean())
-        return torch.stack(losses).mean(), x_hat
+        return torch.stack(losses).mean(), x_hat, losses[-1].detach()
 
     @torch.no_grad()
     def constrain_decoder(self, before_step: bool) -> None:
@@ -317,7 +401,7 @@ class SparseAutoencoder(nn.Module):
         if before_step:
             if self.W_dec.grad is not None:
                 parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
-                self.W_dec.grad.sub_(parallel * self.W_dec)
+                self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1)
         else:
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 

@@ -185,7 +185,9 @@ class HFAdapter:
         for alias, candidates in self.alias_lists.items():
             path = next((c for c in candidates if c in modules), None)
             if path is not None:
-                out.update({f"{alias}.{i}": f"{path}.{i}" for i in range(len(modules[path]))})
+                n = len(modules[path])
+                out.update({f"{alias}.{i}": f"{path}.{i}" for i in range(n)})
+                out[f"{alias}.last"] = f"{path}.{n - 1}"  # the same name for any depth
         return out
 
     def reinitialize(self, seed: int) -> None:

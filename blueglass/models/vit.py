@@ -35,9 +35,11 @@ class VitAdapter(HFAdapter):
         return ClassBinding.bind(labels, categories, self.options)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.task == "classification":
-            return self.module(pixel_values=batch["pixel_values"]).logits
-        return self.module(pixel_values=batch["pixel_values"]).last_hidden_state[:, 0]
+        kw = {}
+        if self.module.config.model_type == "vit" and self.image_size != self.module.config.image_size:
+            kw["interpolate_pos_encoding"] = True  # Dinov2 interpolates by itself
+        out = self.module(pixel_values=batch["pixel_values"], **kw)
+        return out.logits if self.task == "classification" else out.last_hidden_state[:, 0]
 
     def postprocess(self, outputs: torch.Tensor, sizes=()) -> torch.Tensor:
         """Classification: ``[B, categories]`` probabilities (dataset classes by id); else CLS embeddings."""

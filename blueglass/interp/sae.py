@@ -222,6 +222,37 @@ def sparse_decode(
     return SparseDecode.apply(vals.contiguous(), idx, w_dec, pattern)
 
 
+class SparseReconLoss(torch.autograd.Function):
+    """``mean_rows ‖Σ_j vals_j W_dec[idx_j] + b_dec − xs‖²`` and the (non-differentiable) error ``x̂ − xs``.
+
+    :class:`SparseDecode` with the squared error fused in: one ``[rows, d_in]`` error tensor, formed in
+    place, is all the loss touches, forward and backward (``∂x̂ = 2 (x̂ − xs) / rows``).
+    """
+
+    @staticmethod
+    def forward(ctx, vals, idx, w_dec, b_dec, xs, pattern):
+        diff = F.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum")
+        diff.add_(b_dec).sub_(xs)
+        flat = diff.view(-1)
+        loss = torch.dot(flat, flat) / diff.shape[0]
+        ctx.pattern = pattern
+        ctx.save_for_backward(vals, w_dec, diff)
+        ctx.mark_non_differentiable(diff)
+        return loss, diff
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_diff):
+        vals, w_dec, diff = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
+        grad_out = diff * (2 * grad_loss / diff.shape[0])
+        need = ctx.needs_input_grad
+        grad_vals = pattern.sampled_mm(grad_out, w_dec) if need[0] else None
+        grad_w = pattern.csr_t(vals) @ grad_out if need[2] else None
+        grad_b = grad_out.sum(0) if need[3] else None
+        grad_xs = -grad_out if need[4] else None
+        return grad_vals, None, grad_w, grad_b, grad_xs, None
+
+
 class _JumpStep(torch.autograd.Function):
     """Heaviside step H(z − θ) with a rectangle straight-through gradient for θ (Rajamanoharan et al.)."""
 
@@ -320,13 +351,18 @@ class SparseAutoencoder(nn.Module):
             vals, idx = TopKEncode.apply(xs, self.W_enc, self.b_enc, cfg.k, self.b_dec, patterns)
             pattern = patterns[0]
             if cfg.variant == "topk":
-                x_hat = sparse_decode(vals, idx, self.W_dec, pattern) + self.b_dec
-                recon = (x_hat - xs).pow(2).sum(-1).mean()
+                recon, diff = SparseReconLoss.apply(vals, idx, self.W_dec, self.b_dec, xs, pattern)
                 mse = recon.detach()
             else:
-                recon, x_hat, mse = self._matryoshka_loss(xs, vals, idx, pattern)
-            fired[idx[vals > 0]] = True
-            out["l0"] = (vals > 0).sum(-1).float().mean()
+                recon, diff, mse = self._matryoshka_loss(xs, vals, idx, pattern)
+            x_hat = None  # the error x̂ − xs is `diff`
+            with torch.no_grad():
+                active = (vals > 0).float()
+                fired = (
+                    torch.zeros(cfg.d_sae, device=x.device).index_add_(0, idx.reshape(-1), active.reshape(-1))
+                    > 0
+                )
+                out["l0"] = active.sum(-1).mean()
             pre_for_aux = None
         elif cfg.variant == "batchtopk":
             pre = F.relu(xc @ self.W_enc + self.b_enc)
@@ -368,8 +404,7 @@ class SparseAutoencoder(nn.Module):
             out["l0"] = (codes > 0).sum(-1).float().mean()
             pre_for_aux = None
         with torch.no_grad():
-            self.tokens_since_fired.add_(x.shape[0])
-            self.tokens_since_fired[fired] = 0
+            self.tokens_since_fired.add_(x.shape[0]).mul_(~fired)
         out["mse"] = mse if mse is not None else (x_hat.detach() - xs).pow(2).sum(-1).mean()
         loss = recon
         if cfg.aux_k and cfg.variant in ("topk", "batchtopk", "matryoshka"):
@@ -379,7 +414,8 @@ class SparseAutoencoder(nn.Module):
                     pre = pre_for_aux
                 else:
                     pre = torch.addmm(self.b_enc, xs - self.b_dec if xc is None else xc, self.W_enc)
-                aux = aux_k_loss(xs - x_hat.detach(), pre, dead, self.W_dec, cfg.aux_k)
+                residual = xs - x_hat.detach() if x_hat is not None else -diff
+                aux = aux_k_loss(residual, pre, dead, self.W_dec, cfg.aux_k)
                 out["aux"] = aux
                 loss = loss + cfg.aux_coeff * aux
         out["loss"] = loss
@@ -388,12 +424,12 @@ class SparseAutoencoder(nn.Module):
     def _matryoshka_loss(self, xs, vals, idx, pattern):
         """Mean reconstruction loss over nested dictionaries: latents ``< m`` for each prefix ``m``."""
         losses = []
-        x_hat = None
+        diff = None
         for m in self.cfg.matryoshka_prefixes:
-            v = vals * (idx < m)
-            x_hat = sparse_decode(v, idx, self.W_dec, pattern) + self.b_dec
-            losses.append((x_hat - xs).pow(2).sum(-1).mean())
-        return torch.stack(losses).mean(), x_hat, losses[-1].detach()
+            v = vals if m == self.cfg.d_sae else vals * (idx < m)
+            loss, diff = SparseReconLoss.apply(v, idx, self.W_dec, self.b_dec, xs, pattern)
+            losses.append(loss)
+        return torch.stack(losses).mean(), diff, losses[-1].detach()
 
     @torch.no_grad()
     def constrain_decoder(self, before_step: bool) -> None:

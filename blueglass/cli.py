@@ -156,18 +156,63 @@ def sae(
     name: Annotated[str, typer.Argument(help="A key of sae.runs.")],
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Train a sparse autoencoder on one Lens point (Lightning; DDP under torchrun) and register it."""
+    """Train the sparse autoencoder(s) of one run on one Lens point (Lightning; DDP under torchrun; a sweep
+    trains several from one pass), evaluate them on the held-out shard and register them."""
     p, base = _load(params)
     from blueglass.stages import sae as stage
 
-    s = stage.run(p, base, name)
-    if s:
+    for member, s in stage.run(p, base, name).items():
         rec = ", ".join(f"{c} {v:.3f}" for c, v in s["concept_recovery"].items())
         typer.echo(
-            f"{name}: fvu {s['fvu']:.3f}, l0 {s['l0']:.1f}, dead {s['dead_frac']:.1%}, dense {s['dense_frac']:.1%}"
+            f"{name}/{member}: fvu {s['fvu']:.3f}, l0 {s['l0']:.1f}, dead {s['dead_frac']:.1%}, dense {s['dense_frac']:.1%}"
             + (f"; concept recovery (mean best-latent AUROC) {rec}" if rec else "")
             + f"; registered {s['registry']['name']} v{s['registry']['version']} as {s['registry']['alias']}"
         )
+
+
+@app.command()
+@user_errors
+def patch(
+    name: Annotated[str, typer.Argument(help="A key of patch.runs.")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Re-run a model's benchmark with each intervention of a patch run (SAE reconstruction, steering, latent
+    clamp) and its zero / mean ablation baselines; report `recovered` and register the patched models."""
+    p, base = _load(params)
+    from blueglass.stages import patch as stage
+
+    out = stage.run(p, base, name)
+    m = out["metric"]
+    rows = list(out["interventions"].items()) + ([("joint", out["joint"])] if "joint" in out else [])
+    for n, r in rows:
+        rec = "undefined" if r["recovered"] is None else f"{r['recovered']:.3f}"
+        typer.echo(
+            f"{name}/{n} at {'+'.join(r['sites'])}: {m} clean {r['metric_clean']:.3f}, patched "
+            f"{r['metric_patched']:.3f}, zero {r['metric_zero_ablation']:.3f}, mean {r['metric_mean_ablation']:.3f}"
+            f" → recovered {rec}"
+        )
+
+
+@app.command()
+@user_errors
+def report(
+    params: ParamsOpt = Path("params.yaml"),
+    screenshot: Annotated[
+        Path | None,
+        typer.Option("--screenshot", help="Also render the page in headless Chromium to this PNG."),
+    ] = None,
+) -> None:
+    """Build reports/index.html (static, offline) from what the stages have written; print its path."""
+    p, base = _load(params)
+    from blueglass.stages import report as stage
+
+    out = stage.run(p, base, screenshot=screenshot)
+    missing = [k for k, present in out["sections"].items() if not present]
+    if missing:
+        typer.echo(f"not run yet: {', '.join(missing)}", err=True)
+    if "screenshot" in out:
+        typer.echo(f"screenshot: {out['screenshot']}", err=True)
+    typer.echo(str(out["index"]))
 
 
 @lens_app.command("info")
@@ -261,7 +306,10 @@ def lens_head(
 @user_errors
 def points(
     model: Annotated[
-        str, typer.Option("--model", "-m", help="A model name (models/NAME) or a model folder.")
+        str,
+        typer.Option(
+            "--model", "-m", help="A model folder, a key of models in the params file, or models/NAME."
+        ),
     ],
     filter: Annotated[
         str,
@@ -273,15 +321,22 @@ def points(
 ) -> None:
     """List a model's hook points: module paths with their output shape for one image."""
     from blueglass.errors import ModelError
-    from blueglass.models import load_adapter, match_points
+    from blueglass.models import load_adapter, match_points, open_model
 
     folder = Path(model)
-    if not folder.is_dir():
+    if folder.is_dir():
+        adapter = load_adapter(folder)  # the adapter is chosen by the folder's config.json
+    else:
         base = params.resolve().parent if params.exists() else Path.cwd()
-        folder = base / "models" / model
-        if not folder.is_dir():
-            raise ModelError(f"{model}: neither a model folder nor a trained model under {base / 'models'}")
-    adapter = load_adapter(folder)
+        p = _load(params)[0] if params.exists() else None
+        if p is not None and model in p.models:
+            adapter = open_model(p, base, model)  # models.<name> of the params file (any kind)
+        elif (base / "models" / model).is_dir():
+            adapter = load_adapter(base / "models" / model)
+        else:
+            raise ModelError(
+                f"{model}: neither a model folder, a key of models in {params}, nor a trained model under {base / 'models'}"
+            )
     pts = match_points(adapter.hook_points(), [filter])
     if not pts:
         raise ModelError(f"no hook point matches {filter!r}")

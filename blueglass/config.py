@@ -336,6 +336,47 @@ class SaeParams(Strict):
     runs: dict[Slug, SaeRun] = Field(min_length=1)
 
 
+class InterventionSpec(Strict):
+    """One intervention of a patch run. ``sae`` names ``<sae run>/<member>`` (its point is the SAE's);
+    ``probe`` names ``<probe run>/<point>/<target>``."""
+
+    kind: Literal["sae", "sae_error", "steer", "clamp"]
+    sae: str | None = Field(None, pattern=r"^[^/]+/[^/]+$")
+    probe: str | None = Field(None, pattern=r"^[^/]+/[^/]+/[^/]+$")
+    target_class: str | None = Field(None, description="steer: the probe class (value name or id) to steer to")
+    alpha: float = 4.0
+    latents: list[int] = Field(default_factory=list, description="clamp: latent ids")
+    concept: str | None = Field(
+        None, pattern=r"^[A-Za-z_]+=.+$", description="clamp: 'color=red' → the SAE latents that separate it"
+    )
+    min_auroc: float = Field(0.7, ge=0.5, le=1)
+    value: float = 0.0
+    tokens: str = "all"
+
+    @model_validator(mode="after")
+    def _needs(self) -> InterventionSpec:
+        if self.kind in ("sae", "sae_error", "clamp") and not self.sae:
+            raise ValueError(f"kind '{self.kind}' needs 'sae: <sae run>/<member>'")
+        if self.kind == "steer" and not self.probe:
+            raise ValueError("kind 'steer' needs 'probe: <probe run>/<point>/<target>'")
+        if self.kind == "clamp" and not (self.latents or self.concept):
+            raise ValueError("kind 'clamp' needs 'latents: [...]' or 'concept: <concept>=<value>'")
+        return self
+
+
+class PatchRun(Strict):
+    model: Slug
+    split: str
+    lens: Slug = Field(description="the Lens whose per-dimension means the mean ablation uses")
+    metric: str = Field("AP50", description="task metric for 'recovered' (AP, AP50, …, accuracy)")
+    interventions: dict[Slug, InterventionSpec] = Field(min_length=1)
+
+
+class PatchParams(Strict):
+    batch_size: int = Field(64, gt=0, le=4096)
+    runs: dict[Slug, PatchRun] = Field(min_length=1)
+
+
 class Params(Strict):
     dataset: AnyDatasetParams
     models: dict[Slug, ModelParams] = Field(min_length=1)
@@ -345,6 +386,7 @@ class Params(Strict):
     extract: ExtractParams | None = None
     probe: ProbeParams | None = None
     sae: SaeParams | None = None
+    patch: PatchParams | None = None
 
     @model_validator(mode="after")
     def _references(self) -> Params:
@@ -364,6 +406,23 @@ class Params(Strict):
             if r.control
         ]
         lens_refs += [(f"sae.runs.{n}.lens", r.lens) for n, r in (self.sae.runs if self.sae else {}).items()]
+        patch_runs = self.patch.runs if self.patch else {}
+        lens_refs += [(f"patch.runs.{n}.lens", r.lens) for n, r in patch_runs.items()]
+        refs += [(f"patch.runs.{n}", r.model, r.split) for n, r in patch_runs.items()]
+        saes = self.sae.runs if self.sae else {}
+        probes = self.probe.runs if self.probe else {}
+        for n, r in patch_runs.items():
+            for i, iv in r.interventions.items():
+                where = f"patch.runs.{n}.interventions.{i}"
+                if iv.sae:
+                    run, member = iv.sae.split("/")
+                    if run not in saes or member not in saes[run].members():
+                        known = [f"{k}/{m}" for k, v in saes.items() for m in v.members()]
+                        raise ValueError(f"{where}.sae: unknown SAE '{iv.sae}' (SAEs: {', '.join(known) or 'none'})")
+                if iv.probe and iv.probe.split("/")[0] not in probes:
+                    raise ValueError(
+                        f"{where}.probe: unknown probe run '{iv.probe.split('/')[0]}' (probe.runs: {', '.join(probes) or 'none'})"
+                    )
         for where, lens in lens_refs:
             if lens not in lenses:
                 raise ValueError(

@@ -327,6 +327,19 @@ def _choose_alias(
     return "challenger", f"{headline} {value:.4f} {rel} champion v{champ.version} {float(cur):.4f}"
 
 
+def find_version(name: str, sha256: str) -> str | None:
+    """The newest version of registered model ``name`` whose ``weights_sha256`` tag is ``sha256``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    hits = [int(v.version) for v in versions if v.tags.get("weights_sha256") == sha256]
+    return str(max(hits)) if hits else None
+
+
 def tag_versions_by_weights(name: str, sha256: str, tags: Mapping[str, Any]) -> list[str]:
     """Add tags to every version of ``name`` whose ``weights_sha256`` matches (benchmark → registry)."""
     from mlflow import MlflowClient

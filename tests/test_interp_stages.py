@@ -84,3 +84,47 @@ def test_sae_and_probe_stages_register_loadable_models(project, monkeypatch):
     assert codes.shape == (5, 64) and ((codes.to_numpy() > 0).sum(1) <= 4).all()
     scores = mlflow.pyfunc.load_model("models:/toy-detector.vit.layers.0.probe-color@champion").predict(feats)
     assert scores.shape[0] == 5
+
+
+def test_patch_stage_reports_recovered_and_registers_patched_models(project, monkeypatch):
+    from blueglass.stages import patch, probe, sae
+
+    root, p = project
+    with pytest.raises(ConfigError, match=r"patch.runs.nope: no such patch run \(runs: toy-detector\)"):
+        patch.run(p, root, "nope")
+    with pytest.raises(ConfigError, match=r"models/saes/toy-detector-l0-topk/topk not found"):
+        patch.run(p, root, "toy-detector")  # nothing trained yet: one line, nothing written
+    assert not (root / "metrics" / "patch_toy-detector.json").exists()
+    from blueglass.stages import train_model  # noqa: F401  (the base model must be registered)
+    from blueglass.tracking import register_model, start_run
+
+    with start_run("train_model", run_name="base"):
+        register_model(root / "models" / "toy-detector", "toy-detector", description="base", metrics={}, headline="AP")
+    sae.run(p, root, "toy-detector-l0-topk")
+    probe.run(p, root, "toy-detector")
+    out = patch.run(p, root, "toy-detector")
+    ivs = out["interventions"]
+    assert set(ivs) == {"sae-topk", "sae-relu", "steer-color", "clamp-latents"}
+    for r in ivs.values():
+        assert r["metric_clean"] == pytest.approx(out["clean"]["AP50"])
+        assert r["sites"] == ["vit.layers.0"]
+        if r["recovered"] is not None:
+            z = r["metric_zero_ablation"]
+            assert r["recovered"] == pytest.approx((r["metric_patched"] - z) / (r["metric_clean"] - z))
+    client = mlflow.MlflowClient()
+    v = client.get_model_version("toy-detector+sae-topk@vit.layers.0", ivs["sae-topk"]["registry"]["version"])
+    assert v.tags["base"] == "toy-detector/1" and v.tags["sae"] == "toy-detector.vit.layers.0.sae-topk/1"
+    sae_v = client.get_model_version("toy-detector.vit.layers.0.sae-topk", "1")
+    if ivs["sae-topk"]["recovered"] is not None:
+        assert float(sae_v.tags["recovered"]) == pytest.approx(ivs["sae-topk"]["recovered"], rel=1e-5)
+    assert (root / "plots" / "patch_toy-detector.csv").read_text().startswith("intervention,site,clean")
+    # the registered patched model loads its base model and SAE from the registry and applies the SAE
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    import pandas as pd
+
+    from blueglass.stages.train_model import load_split
+
+    frame = pd.DataFrame({"image_path": [str(r.path) for r in load_split(p, root, "test").images[:4]]})
+    patched = mlflow.pyfunc.load_model("models:/toy-detector+sae-relu@vit.layers.0@champion").predict(frame)
+    base = mlflow.pyfunc.load_model("models:/toy-detector/1").predict(frame)
+    assert list(patched.columns) == list(base.columns) and not patched.equals(base)

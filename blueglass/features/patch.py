@@ -221,3 +221,29 @@ class FeaturePatcher:
     @property
     def points(self) -> list[str]:
         return list(self._bound)
+
+
+def patch_from_spec(
+    spec: dict[str, Any],
+    *,
+    sae: SparseAutoencoder | None = None,
+    direction: np.ndarray | None = None,
+    mean: Sequence[float] | None = None,
+) -> Patch:
+    """A :class:`Patch` from its JSON form (``kind, point, tokens`` + the kind's settings) and the loaded
+    SAE / probe direction / Lens mean it needs — the one place stages and the registered patched-model
+    pyfunc turn a stored intervention into hooks."""
+    kind = spec["kind"]
+    if kind in ("sae", "sae_error"):
+        iv: Intervention = SAEReconstruct(sae, keep_error=kind == "sae_error")
+    elif kind == "clamp":
+        iv = ClampLatents(sae, list(spec["latents"]), float(spec.get("value", 0.0)))
+    elif kind == "steer":
+        iv = Steer(torch.as_tensor(direction, dtype=torch.float32), float(spec["alpha"]))
+    elif kind == "zero":
+        iv = ZeroAblate()
+    elif kind == "mean":
+        iv = MeanAblate(torch.as_tensor(mean, dtype=torch.float32))
+    else:
+        raise ModelError(f"unknown intervention kind {kind!r}")
+    return Patch(spec["point"], iv, spec.get("tokens", "all"))

@@ -2,7 +2,8 @@
 
 MLflow executes this file at load time (no cloudpickle). Base models take a DataFrame with an
 ``image_path`` column; SAEs and probes take activations (one column per dimension) and return SAE codes
-or probe scores. Output: for detectors one row per detection (``image_index, x0, y0, x1, y1, score, label``);
+or probe scores. A patched model (a folder with ``patch.json``) loads its base model and its SAE / probe
+from the registry and runs the base model with the intervention hooked in. Output: for detectors one row per detection (``image_index, x0, y0, x1, y1, score, label``);
 for zero-shot models, with ``params={"prompts": "a|b|c"}``, one row per image with the logits per prompt,
 and without prompts the normalised image embedding.
 """
@@ -22,7 +23,22 @@ class BlueGlassModel(PythonModel):
 
         folder = Path(context.artifacts["model"])
         self.adapter = self.sae = self.probe = None
-        if (folder / "sae_weights.safetensors").exists():
+        self.patches = []
+        if (folder / "patch.json").exists():
+            import json
+
+            from blueglass.features.patch import patch_from_spec
+
+            doc = json.loads((folder / "patch.json").read_text())
+            spec = doc["intervention"]
+            self.adapter = mlflow.pyfunc.load_model(doc["base_uri"]).unwrap_python_model().adapter
+            sae = mlflow.pyfunc.load_model(spec["sae_uri"]).unwrap_python_model().sae if "sae_uri" in spec else None
+            direction = None
+            if "probe_uri" in spec:
+                probe = mlflow.pyfunc.load_model(spec["probe_uri"]).unwrap_python_model().probe
+                direction = probe.direction(spec.get("target_class"))
+            self.patches = [patch_from_spec(spec, sae=sae, direction=direction)]
+        elif (folder / "sae_weights.safetensors").exists():
             from blueglass.interp.sae import SparseAutoencoder
 
             self.sae = SparseAutoencoder.load(folder).eval()
@@ -36,6 +52,14 @@ class BlueGlassModel(PythonModel):
             self.adapter = load_adapter(folder)
 
     def predict(self, context, model_input, params=None):
+        from blueglass.features.patch import FeaturePatcher
+
+        if not self.patches:
+            return self._predict(model_input, params)
+        with FeaturePatcher(self.adapter, self.patches):
+            return self._predict(model_input, params)
+
+    def _predict(self, model_input, params=None):
         import torch
 
         if self.sae is not None or self.probe is not None:

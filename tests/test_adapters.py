@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_models import TEXT, TINY_DEC, TOY_LABELS, VISION, resnet_config, write_tokenizer
 
 from blueglass.data import CocoDataset
 from blueglass.errors import ModelError
@@ -17,30 +18,6 @@ from blueglass.features.extract import record_lens
 from blueglass.features.lens import Lens
 from blueglass.models import load_adapter
 
-WORDS = [
-    "[PAD]",
-    "[UNK]",
-    "[CLS]",
-    "[SEP]",
-    "[MASK]",
-    ".",
-    "a",
-    "photo",
-    "of",
-    "an",
-    "object",
-    "circle",
-    "square",
-    "triangle",
-    "shape",
-    "ring",
-    "box",
-    "red",
-    "green",
-    "blue",
-    "star",
-]
-
 
 @pytest.fixture(scope="module")
 def ds(toy_root) -> CocoDataset:
@@ -48,63 +25,11 @@ def ds(toy_root) -> CocoDataset:
     return CocoDataset.load(toy_root / "val")  # 10 images, 1–3 objects each, 64 px
 
 
-def _tokenizer(folder):
-    from transformers import BertTokenizer
-
-    vocab = folder / "vocab.txt"
-    vocab.parent.mkdir(parents=True, exist_ok=True)
-    vocab.write_text("\n".join(WORDS) + "\n")
-    tok = BertTokenizer(str(vocab))
-    tok.save_pretrained(str(folder))
-    return tok
-
-
-def _resnet(out_features):
-    from transformers import ResNetConfig
-
-    return ResNetConfig(
-        embedding_size=8,
-        hidden_sizes=[8, 16, 16, 32],
-        depths=[1, 1, 1, 1],
-        layer_type="basic",
-        out_features=out_features,
-    )
-
-
-TINY_DEC = dict(
-    d_model=32,
-    encoder_layers=1,
-    decoder_layers=2,
-    encoder_ffn_dim=32,
-    decoder_ffn_dim=32,
-    encoder_attention_heads=2,
-    decoder_attention_heads=2,
-    num_queries=9,
-)
-TOY_LABELS = {0: "circle", 1: "square", 2: "triangle"}
-TEXT = dict(
-    vocab_size=len(WORDS),
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    max_position_embeddings=16,
-)
-VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=64,
-    patch_size=16,
-)
-
-
 def _save(model, folder, tokenizer=False):
     torch.manual_seed(0)
     model.save_pretrained(str(folder))
     if tokenizer:
-        _tokenizer(folder)
+        write_tokenizer(folder)
     return folder
 
 
@@ -135,14 +60,14 @@ def test_detr_family(ds, tmp_path):
 
     builds = {
         "detr": DetrForObjectDetection(
-            DetrConfig(backbone_config=_resnet(["stage4"]), id2label=TOY_LABELS, **TINY_DEC)
+            DetrConfig(backbone_config=resnet_config(["stage4"]), id2label=TOY_LABELS, **TINY_DEC)
         ),
         "conditional": ConditionalDetrForObjectDetection(
-            ConditionalDetrConfig(backbone_config=_resnet(["stage4"]), id2label=TOY_LABELS, **TINY_DEC)
+            ConditionalDetrConfig(backbone_config=resnet_config(["stage4"]), id2label=TOY_LABELS, **TINY_DEC)
         ),
         "deformable": DeformableDetrForObjectDetection(
             DeformableDetrConfig(
-                backbone_config=_resnet(["stage2", "stage3", "stage4"]),
+                backbone_config=resnet_config(["stage2", "stage3", "stage4"]),
                 id2label=TOY_LABELS,
                 num_feature_levels=3,
                 encoder_n_points=2,
@@ -218,15 +143,8 @@ def test_grounding_dino(ds, tmp_path):
     from transformers import BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection
 
     cfg = GroundingDinoConfig(
-        backbone_config=_resnet(["stage2", "stage3", "stage4"]),
-        text_config=BertConfig(
-            vocab_size=len(WORDS),
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=64,
-        ),
+        backbone_config=resnet_config(["stage2", "stage3", "stage4"]),
+        text_config=BertConfig(**{**TEXT, "intermediate_size": 32, "max_position_embeddings": 64}),
         num_feature_levels=3,
         encoder_n_points=2,
         decoder_n_points=2,

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
+from tiny_models import tiny_detr
 
 RECIPES = ["detr-coco", "grounding-dino-coco", "owlvit-coco", "clip-zero-shot", "dinov2-probe"]
 
@@ -33,31 +34,6 @@ def _run(cmd, cwd, env):
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
-
-
-def _tiny_detr(folder: Path) -> None:
-    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
-
-    backbone = ResNetConfig(
-        embedding_size=8,
-        hidden_sizes=[8, 16, 16, 32],
-        depths=[1, 1, 1, 1],
-        layer_type="basic",
-        out_features=["stage4"],
-    )
-    cfg = DetrConfig(
-        backbone_config=backbone,
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        num_queries=12,
-        id2label={0: "circle", 1: "square", 2: "triangle"},
-    )
-    DetrForObjectDetection(cfg).save_pretrained(str(folder))
 
 
 def _toy_coco(root: Path) -> None:
@@ -79,7 +55,7 @@ def test_detr_coco_recipe_end_to_end(tmp_path, migrated_db):
     recipe = repo / "pipelines" / "detr-coco"
     shutil.copytree(REPO / "pipelines" / "detr-coco", recipe)
     shutil.copy(migrated_db, repo / "mlflow.db")
-    _tiny_detr(repo / "weights" / "detr-resnet-50")
+    tiny_detr(repo / "weights" / "detr-resnet-50", num_queries=12)
     _toy_coco(repo / "data" / "coco")
     # the recipe as shipped, shrunk to seconds: a 64 px input, a 12-image mini split, a 5-step SAE
     params = yaml.safe_load((recipe / "params.yaml").read_text())

@@ -55,19 +55,11 @@ def evaluate(
 
     families = prompt_families(ds, dict(prompts or {}))
     records = [r for r in ds.images if image_values(ds, r) is not None]
-    embeds = []
-    for sl in _batches(len(records), batch_size):
-        recs = records[sl]
-        embeds.append(adapter.forward(adapter.preprocess([ds.load_image(r) for r in recs])))
-        if tick:
-            tick(len(recs))
-    if tick and len(records) < len(ds):
-        tick(len(ds) - len(records))
+    emb = _forward_records(adapter, ds, records, batch_size, tick)
     metrics: dict[str, Any] = {"images": len(records)}
-    if not records:
+    if emb is None:
         metrics["accuracy"] = None
         return metrics
-    emb = torch.cat(embeds)
     accs = []
     for fam in families:
         adapter.set_prompts(fam.prompts)
@@ -86,25 +78,31 @@ def bind_classes(adapter: ModelAdapter, ds: CocoDataset) -> None:
         bind(ds.categories)
 
 
-def _evaluate_classes(adapter: ModelAdapter, ds: CocoDataset, batch_size: int, tick) -> dict[str, Any]:
-    ids = sorted(ds.categories)
-    records = [r for r in ds.images if len(r.annotations) == 1]
+def _forward_records(
+    adapter: ModelAdapter, ds: CocoDataset, records, batch_size: int, tick
+) -> torch.Tensor | None:
+    """The model's raw outputs for ``records`` (one tensor per image, concatenated); ticks every image of ``ds``."""
     outs = []
     for sl in _batches(len(records), batch_size):
         recs = records[sl]
-        outs.append(
-            adapter.postprocess(adapter.forward(adapter.preprocess([ds.load_image(r) for r in recs])))
-        )
+        outs.append(adapter.forward(adapter.preprocess([ds.load_image(r) for r in recs])))
         if tick:
             tick(len(recs))
     if tick and len(records) < len(ds):
         tick(len(ds) - len(records))
+    return torch.cat(outs) if outs else None
+
+
+def _evaluate_classes(adapter: ModelAdapter, ds: CocoDataset, batch_size: int, tick) -> dict[str, Any]:
+    ids = sorted(ds.categories)
+    records = [r for r in ds.images if len(r.annotations) == 1]
+    raw = _forward_records(adapter, ds, records, batch_size, tick)
     metrics: dict[str, Any] = {"images": len(records)}
-    if not records:
+    if raw is None:
         metrics["accuracy"] = None
         return metrics
     labels = np.array([ids.index(r.annotations[0].category_id) for r in records])
-    out = torch.cat(outs).float()
+    out = adapter.postprocess(raw).float()
     if adapter.task == "classification":
         metrics["accuracy"] = zero_shot_accuracy(out, labels)
         k = min(5, out.shape[1])

@@ -23,7 +23,7 @@ from torchvision.ops import box_convert
 
 from blueglass.models.base import TokenLayout
 from blueglass.models.common import ClassBinding
-from blueglass.models.hf import HFDetector
+from blueglass.models.hf import DECODER_QUERIES, HFDetector
 
 
 class DetrAdapter(HFDetector):
@@ -34,11 +34,7 @@ class DetrAdapter(HFDetector):
     )
     default_fit = "letterbox"
     default_nms_iou = 1.0
-    layout_rules = (
-        ("model.decoder.layers.*", "queries"),
-        ("model.decoder.layernorm", "queries"),
-        ("model.decoder.layer_norm", "queries"),
-        ("model.decoder", "queries"),
+    layout_rules = DECODER_QUERIES + (
         ("class_labels_classifier", "queries"),
         ("class_embed.*", "queries"),
         ("bbox_predictor", "queries"),

@@ -21,17 +21,14 @@ import torch
 from torchvision.ops import box_convert
 
 from blueglass.errors import ModelError
-from blueglass.models.hf import HFDetector, load_tokenizer
+from blueglass.models.hf import DECODER_QUERIES, HFDetector, load_tokenizer
 
 
 class GroundingDinoAdapter(HFDetector):
     architectures = ("GroundingDinoForObjectDetection",)
     default_fit = "letterbox"
     default_nms_iou = 1.0
-    layout_rules = (
-        ("model.decoder.layers.*", "queries"),
-        ("model.decoder.layer_norm", "queries"),
-        ("model.decoder", "queries"),
+    layout_rules = DECODER_QUERIES + (
         ("model.text_backbone.encoder.layer.*", "text"),
         ("model.text_backbone.**", "text"),
         ("model.text_projection", "text"),

@@ -71,6 +71,15 @@ def load_tokenizer(folder: Path):
         ) from None
 
 
+# DETR-style decoders: every output of the decoder stack is one token per object query
+DECODER_QUERIES: tuple[tuple[str, str], ...] = (
+    ("model.decoder.layers.*", "queries"),
+    ("model.decoder.layernorm", "queries"),
+    ("model.decoder.layer_norm", "queries"),
+    ("model.decoder", "queries"),
+)
+
+
 class HFAdapter:
     """Base class: loading, input pipeline, hook points, token layouts, aliases, random-init control."""
 

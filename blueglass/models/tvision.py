@@ -152,12 +152,10 @@ class TorchvisionAdapter:
                 f"{self.weights_path}: does not fit {arch} with {len(self.classes)} classes "
                 f"({str(exc).splitlines()[0]})"
             ) from None
-        self.is_detector = (
-            arch in torchvision.models.list_models(module=torchvision.models.detection)
-            or hasattr(self.module, "roi_heads")
-            or hasattr(self.module, "head")
-            and hasattr(self.module, "anchor_generator")
-        )
+        # detection models (built-in builders or classes) take a list of images and have a transform
+        self.is_detector = arch in torchvision.models.list_models(
+            module=torchvision.models.detection
+        ) or hasattr(self.module, "transform")
         self.task = "detection" if self.is_detector else "classification"
         self.name = self.folder.name if folder is not None else self.weights_path.stem
         size = (
@@ -169,17 +167,21 @@ class TorchvisionAdapter:
         fit = self.options.fit or ("letterbox" if self.is_detector else "stretch")
         # detectors normalise inside their transform; classifiers get ImageNet normalisation here
         self.input = SquareInput(self.image_size, fit=fit, normalise=not self.is_detector)
-        if self.is_detector:
-            t = self.module.transform
-            t.min_size, t.max_size = (self.image_size,), self.image_size
-            if hasattr(self.module, "score_thresh"):
-                self.module.score_thresh = self.options.score_threshold
-            elif hasattr(self.module, "roi_heads"):
-                self.module.roi_heads.score_thresh = self.options.score_threshold
-        self.module.eval().to(self.device)
+        self._configure()
         self.binding = ClassBinding()
         self._categories: dict[int, str] | None = None
         self._points: list[HookPoint] | None = None
+
+    def _configure(self) -> None:
+        """Pin a detector's internal resize to the input size and apply the score threshold."""
+        if self.is_detector:
+            t = self.module.transform
+            t.min_size, t.max_size = (self.image_size,), self.image_size
+            if hasattr(self.module, "score_thresh"):  # RetinaNet, FCOS
+                self.module.score_thresh = self.options.score_threshold
+            elif hasattr(self.module, "roi_heads"):  # Faster R-CNN
+                self.module.roi_heads.score_thresh = self.options.score_threshold
+        self.module.eval().to(self.device)
 
     @property
     def weights_sha256(self) -> str:
@@ -262,10 +264,8 @@ class TorchvisionAdapter:
 
     def reinitialize(self, seed: int) -> None:
         torch.manual_seed(seed)
-        self.module = _build(self.arch, len(self.classes), self.arch_kwargs).eval().to(self.device)
-        if self.is_detector:
-            t = self.module.transform
-            t.min_size, t.max_size = (self.image_size,), self.image_size
+        self.module = _build(self.arch, len(self.classes), self.arch_kwargs)
+        self._configure()
         self.name = f"{self.name}-random"
         self.control_seed = seed
         self._points = None

@@ -2,6 +2,7 @@
 #   make repro      run the default pipeline (dvc repro) on the embedded toy world
 #   make test       run the test suite
 #   make benchmark  run the benchmark stage (and whatever it needs) and print the table
+#   make report     build reports/index.html from what the stages have written and print its path
 #   make ui         MLflow UI on the project's tracking DB (127.0.0.1:5000)
 #   make lint       ruff lint + format check
 
@@ -16,7 +17,7 @@ export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 UI_PORT ?= 5000
 
-.PHONY: install init repro test benchmark ui lint clean-outputs
+.PHONY: install init repro test benchmark report browser ui lint clean-outputs
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,12 +36,31 @@ init:
 repro: install init
 	dvc repro
 
-test: install
+# Headless Chromium for the report's browser test (tests/test_report.py): installed with apt when none is
+# on PATH and we are root with apt-get (CI: a clean Debian machine); otherwise a note, and the test skips
+# locally (it fails under CI=true).
+BROWSERS := chromium-headless-shell chromium chromium-browser google-chrome google-chrome-stable
+browser:
+	@for b in $(BROWSERS); do command -v $$b >/dev/null 2>&1 && exit 0; done; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium-headless-shell (apt) for the report's browser test"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null 2>&1 \
+	  || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null; } \
+	  || echo "warning: could not install chromium-headless-shell; the report's browser test will fail under CI" >&2; \
+	else \
+	  echo "note: no headless Chromium on PATH; the report's browser test will skip (apt-get install chromium-headless-shell)"; \
+	fi
+
+test: install browser
 	$(BIN)/python -m pytest
 
 benchmark: install init
 	dvc repro benchmark
 	@cat reports/benchmark.md
+
+report: install
+	@$(BIN)/blueglass report
 
 ui: install
 	@echo "MLflow UI on http://127.0.0.1:$(UI_PORT) (Ctrl-C to stop)"

@@ -62,6 +62,7 @@ def _intervention(kind, recovered, **kw):
         "metric_zero_ablation": 0.1,
         "metric_mean_ablation": 0.3,
         "recovered": recovered,
+        "recovered_vs_mean": (recovered * 0.72 - 0.2) / 0.52,
         **kw,
     }
 
@@ -120,7 +121,11 @@ def project(tmp_path, monkeypatch) -> Path:
                 "sae-topk": _intervention(
                     "sae",
                     0.9,
-                    registry={"name": "toy-detector+sae-topk@vit.layers.3", "version": "3"},
+                    registry={
+                        "name": "toy-detector+sae-topk@vit.layers.3",
+                        "version": "3",
+                        "alias": "champion",
+                    },
                     uses={"sae": "toy-detector.vit.layers.3.sae-topk/2"},
                 ),
                 "zero": _intervention("zero", 0.0),
@@ -178,7 +183,7 @@ def test_full_report_has_every_section_and_valid_images(project, tiny_params):
     # the numbers of each section made it into the page
     for needle in (
         "toy-detector@test", "0.810", "toy-vlm@test_single", "top5_accuracy",
-        "pred_box", "relu", "recovery: shape", "sae-topk", "joint", "toy-detector+sae-topk@vit.layers.3 v3",
+        "pred_box", "relu", "recovery: shape", "sae-topk", "joint", "toy-detector+sae-topk@vit.layers.3 v3 @champion", "0.862",
         "color=red (AUROC 0.97)", "d380dc0bf500c3912b158d8ce0a09417", "No MLflow database",
     ):  # fmt: skip
         assert needle in text, needle

@@ -335,6 +335,7 @@ INTERVENTION_FIELDS = [
     "metric_zero_ablation",
     "metric_mean_ablation",
     "recovered",
+    "recovered_vs_mean",
 ]
 
 
@@ -354,7 +355,8 @@ def patching(ctx: Context) -> Section:
     parts = [
         "<p>The Feature Patcher splices an intervention into the running model and re-runs the benchmark. "
         "<b>recovered</b> = (patched − zero ablation) / (clean − zero ablation): 1 = as good as the clean "
-        "model, 0 = as bad as zeroing the site.</p>"
+        "model, 0 = as bad as zeroing the site; <b>vs mean abl.</b> is the same with the mean ablation as "
+        "the floor.</p>"
     ]
     for run in runs:
         parts.append(f"<h3>{fmt(run)}</h3>")
@@ -381,7 +383,10 @@ def patching(ctx: Context) -> Section:
                         v.get("kind"),
                         ", ".join(map(str, v.get("sites") or [])),
                         *(v.get(k) for k in INTERVENTION_FIELDS),
-                        f"{reg['name']} v{reg.get('version', '?')}" if reg.get("name") else None,
+                        f"{reg['name']} v{reg.get('version', '?')}"
+                        + (f" @{reg['alias']}" if reg.get("alias") else "")
+                        if reg.get("name")
+                        else None,
                         ", ".join(f"{k}: {u}" for k, u in uses.items()) or None,
                     ]
                 )
@@ -396,6 +401,7 @@ def patching(ctx: Context) -> Section:
                         "zero abl.",
                         "mean abl.",
                         "recovered",
+                        "vs mean abl.",
                     ]
                     + ["registered", "uses"],
                     rows,

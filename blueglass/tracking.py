@@ -169,6 +169,11 @@ class Run:
         mlflow.log_input(ds, context=context)
         mlflow.set_tag(f"input.{context}.{name}.sha256", digest)
 
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         import mlflow
 

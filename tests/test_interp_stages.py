@@ -68,6 +68,7 @@ def test_sae_and_probe_stages_register_loadable_models(project, monkeypatch):
     assert s["relu"]["registry"]["name"] == "toy-detector.vit.layers.0.sae-relu"
     assert (root / "models" / "saes" / "toy-detector-l0-topk" / "relu" / "cfg.json").is_file()
     assert not (root / "checkpoints" / "sae" / "toy-detector-l0-topk").exists()  # removed once finished
+    assert (root / "reports" / "latents" / "toy-detector-l0-topk" / "relu" / "latents.json").is_file()
     # training curves reach the stage's MLflow run through Lightning's MLflow logger
     client = mlflow.MlflowClient()
     run_id = client.get_model_version_by_alias("toy-detector.vit.layers.0.sae-relu", "champion").run_id

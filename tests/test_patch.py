@@ -159,3 +159,36 @@ def test_sae_roundtrip_is_what_the_patcher_applies(world, tmp_path):
     loaded = SparseAutoencoder.load(tmp_path / "s")
     x = torch.from_numpy(world["lens"].load_point(POINT)[0][:50]).float()
     assert torch.allclose(SAEReconstruct(loaded)(x), SAEReconstruct(sae)(x), atol=1e-5)
+
+
+def test_streaming_top_k_equals_brute_force_and_renders(world, tmp_path):
+    from PIL import Image
+
+    from blueglass.interp.attribution import class_means, render_latents, top_activations
+
+    sae, lens = world["sae"], world["lens"]
+    values, rows, meta = top_activations(sae, lens, POINT, n=7)
+    feats, all_meta = lens.load_point(POINT)
+    with torch.no_grad():
+        codes = sae.encode(torch.from_numpy(feats).float())
+    bv, br = codes.topk(7, dim=0)
+    assert np.allclose(values, bv.numpy(), atol=1e-6)
+    fired = bv.numpy() > 0
+    assert np.array_equal(np.where(fired, rows, -1), np.where(fired, br.numpy(), -1))
+    hit = rows[rows >= 0]
+    assert set(meta["row"].tolist()) == set(hit.tolist())
+    assert all(all_meta[r]["image_id"] == m["image_id"] for r, m in zip(meta["row"], meta["meta"]))
+    ids = sorted(int(k) for k in lens.manifest["categories"])
+    means = class_means(sae, lens, POINT, "cover_class", max(ids) + 1)
+    c = ids[0]
+    brute = codes[torch.from_numpy(all_meta["cover_class"] == c)].mean(0).numpy()
+    assert np.allclose(means[c], brute, atol=1e-4)
+    images = {r.id: r.path for r in world["ds"].images}
+    doc = render_latents(
+        sae, lens, POINT, images, tmp_path / "latents",
+        classes={int(k): v for k, v in lens.manifest["categories"].items()}, n_latents=3, n_tokens=5,
+    )
+    assert len(doc["top_latents"]) == 3 and doc["class_heatmap"] == "class_heatmap.png"
+    for e in doc["top_latents"]:
+        img = Image.open(tmp_path / "latents" / e["grid"])
+        assert img.height == 72 and img.width >= 72 and np.asarray(img).std() > 5

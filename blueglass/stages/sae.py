@@ -3,7 +3,9 @@
 A run is one SAE, or a ``sweep`` of several (variants / sizes) trained from one pass over the data. Writes
 ``models/saes/<run>/<member>/`` (SAELens layout), ``metrics/sae_<run>.json`` (per member: ``mse, fvu,
 explained_variance, l0, dead_frac, dense_frac`` on the held-out shard, plus concept recovery on the toy
-world) and one MLflow run (training curves through Lightning's MLflow logger, firing-frequency histograms);
+world), ``reports/latents/<run>/<member>/`` (image grids of the top latents' top tokens, a class × latent
+heatmap, latents.json) and one MLflow run (training curves through Lightning's MLflow logger,
+firing-frequency histograms, the latent images);
 registers each member as ``<model>.<point>.sae-<variant>`` (champion = lowest FVU). Training checkpoints
 go to ``checkpoints/sae/<run>/<fingerprint>/``: a run that was stopped resumes there, and the folder is
 removed once the run has finished.
@@ -71,7 +73,6 @@ def run(params: Params, base: Path, name: str, callbacks=()) -> dict[str, Any]:
     ckpt_root = base / "checkpoints" / "sae" / name
     model = lens.manifest["model"]["name"]
 
-    from blueglass.interp.concepts import best_latent_auroc
     from blueglass.interp.train import TrainSettings, train_saes
 
     main = is_main_process()
@@ -109,10 +110,14 @@ def run(params: Params, base: Path, name: str, callbacks=()) -> dict[str, Any]:
         )
         if r is None:
             return {}
+        from blueglass.stages.train_model import load_split
+
+        split = lens.manifest.get("dataset", {}).get("split")
+        images = {rec.id: rec.path for rec in load_split(params, base, split).images} if split else {}
         summary: dict[str, Any] = {}
         for member, out in res["saes"].items():
             summary[member] = _finish_member(
-                r, base, name, member, members[member], out, res, lens, model, md5, best_latent_auroc
+                r, base, name, member, members[member], out, res, lens, model, md5, images
             )
     shutil.rmtree(ckpt_root, ignore_errors=True)
     write_json(
@@ -122,8 +127,11 @@ def run(params: Params, base: Path, name: str, callbacks=()) -> dict[str, Any]:
     return summary
 
 
-def _finish_member(r, base, name, member, spec, out, res, lens, model, md5, best_latent_auroc):
-    """Save, log and register one trained SAE of the run."""
+def _finish_member(r, base, name, member, spec, out, res, lens, model, md5, images):
+    """Save, log and register one trained SAE of the run; render its top latents (reports/latents/)."""
+    from blueglass.interp.attribution import render_latents
+    from blueglass.interp.concepts import best_latent_auroc
+
     sae = out["sae"]
     metrics = dict(out["metrics"])
     recovery = best_latent_auroc(out["heldout_codes"], res["heldout_meta"], lens.manifest.get("concepts", {}))
@@ -147,6 +155,18 @@ def _finish_member(r, base, name, member, spec, out, res, lens, model, md5, best
     )
     r.log_artifact(hist_path, artifact_path=f"firing_frequency/{member}")
     hist_path.unlink()
+    latents_dir = base / "reports" / "latents" / name / member
+    shutil.rmtree(latents_dir, ignore_errors=True)
+    render_latents(
+        sae,
+        lens,
+        spec.point,
+        images,
+        latents_dir,
+        recovery=recovery,
+        classes={int(k): v for k, v in lens.manifest.get("categories", {}).items()},
+    )
+    r.log_artifacts(latents_dir, artifact_path=f"latents/{member}")
     reg = f"{model}.{spec.point}.sae-{spec.variant}"
     d_sae = sae.cfg.d_sae
     version, alias = register_model(

@@ -67,6 +67,15 @@ def runs_of(folder: Path, prefix: str, suffix: str) -> list[str]:
     return sorted(p.name[len(prefix) : -len(suffix)] for p in folder.glob(f"{prefix}*{suffix}"))
 
 
+def metric_files(ctx: Context, stage: str) -> list[tuple[str, Any, str]]:
+    """(run, data, error note) of every ``metrics/<stage>_<run>.json``, sorted by run."""
+    metrics = ctx.base / "metrics"
+    return [
+        (run, *read_json(ctx, metrics / f"{stage}_{run}.json"))
+        for run in runs_of(metrics, f"{stage}_", ".json")
+    ]
+
+
 def _num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
@@ -282,13 +291,11 @@ def sae_members(ctx: Context, run: str, data: Any) -> dict[str, dict[str, Any]]:
 
 def saes(ctx: Context) -> Section:
     title = "Sparse autoencoders"
-    metrics = ctx.base / "metrics"
-    runs = runs_of(metrics, "sae_", ".json")
-    if not runs:
+    files = metric_files(ctx, "sae")
+    if not files:
         return Section("saes", title, not_run("the SAE stage", "metrics/sae_<run>.json"), False)
     parts, rows, errors = [], [], []
-    for run in runs:
-        data, err = read_json(ctx, metrics / f"sae_{run}.json")
+    for run, data, err in files:
         if err:
             errors.append(err)
             continue
@@ -348,9 +355,8 @@ def _mean_as_recovered(v: dict[str, Any]) -> float | None:
 
 def patching(ctx: Context) -> Section:
     title = "Patched performance"
-    metrics = ctx.base / "metrics"
-    runs = runs_of(metrics, "patch_", ".json")
-    if not runs:
+    files = metric_files(ctx, "patch")
+    if not files:
         return Section("patching", title, not_run("the patch stage", "metrics/patch_<run>.json"), False)
     parts = [
         "<p>The Feature Patcher splices an intervention into the running model and re-runs the benchmark. "
@@ -358,9 +364,8 @@ def patching(ctx: Context) -> Section:
         "model, 0 = as bad as zeroing the site; <b>vs mean abl.</b> is the same with the mean ablation as "
         "the floor.</p>"
     ]
-    for run in runs:
+    for run, data, err in files:
         parts.append(f"<h3>{fmt(run)}</h3>")
-        data, err = read_json(ctx, metrics / f"patch_{run}.json")
         if err or not isinstance(data, dict):
             parts.append(err or note(f"metrics/patch_{run}.json: not a JSON object", "error"))
             continue
@@ -539,10 +544,8 @@ def lineage(ctx: Context) -> Section:
         + ".</p>"
     ]
     parts.append("<h3>Lens datasets</h3>")
-    metrics = ctx.base / "metrics"
     lens_rows = []
-    for name in runs_of(metrics, "extract_", ".json"):
-        data, err = read_json(ctx, metrics / f"extract_{name}.json")
+    for name, data, err in metric_files(ctx, "extract"):
         if err:
             parts.append(err)
             continue

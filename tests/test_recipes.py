@@ -1,9 +1,6 @@
 """The recipes are runnable: every recipe's params validate, and detr-coco runs end to end with
 ``dvc repro`` in its folder on a tiny random DETR saved to disk and a toy-world split laid out as COCO
-(``val2017/`` + ``annotations/instances_val2017.json``) — benchmark → extract → SAE.
-
-The patch stage (Feature Patcher) is being built separately; when ``blueglass patch`` lands, the recipe's
-dvc.yaml gains a ``patch`` stage and this test asserts ``metrics/patch_*.json`` as well.
+(``val2017/`` + ``annotations/instances_val2017.json``) — benchmark → extract → SAE → patch.
 """
 
 import json
@@ -82,7 +79,7 @@ def test_detr_coco_recipe_end_to_end(tmp_path, migrated_db):
     ):
         _run(cmd, repo, env)
     out = _run(["dvc", "repro"], recipe, env)
-    for stage in ("prepare", "benchmark", "extract@detr-val-mini", "sae@detr-dec5-topk"):
+    for stage in ("prepare", "benchmark", "extract@detr-val-mini", "sae@detr-dec5-topk", "patch@detr"):
         assert f"Running stage '{stage}'" in out
 
     bench = json.loads((recipe / "metrics" / "benchmark.json").read_text())["detr@val"]
@@ -93,4 +90,6 @@ def test_detr_coco_recipe_end_to_end(tmp_path, migrated_db):
     assert manifest["points"]["model.decoder.layers.1"]["layout"]["kinds"] == {"query": 12}
     assert manifest["points"]["model.encoder.layers.0"]["layout"]["grid"] == [2, 2]
     assert json.loads((recipe / "metrics" / "sae_detr-dec5-topk.json").read_text())
+    patched = json.loads((recipe / "metrics" / "patch_detr.json").read_text())
+    assert "sae-dec5" in json.dumps(patched) and "recovered" in json.dumps(patched)
     assert "Running stage" not in _run(["dvc", "repro"], recipe, env)

@@ -113,6 +113,7 @@ class SparsePattern:
         self.t_crow = torch.zeros(n_cols + 1, dtype=torch.long, device=idx.device)
         self.t_crow[1:] = torch.bincount(flat, minlength=n_cols).cumsum(0)
         self.t_col = self.order // k
+        self._ones: torch.Tensor | None = None  # the pattern with ones, for sampled products
 
     def csr(self, vals: torch.Tensor) -> torch.Tensor:
         """``[rows, n_cols]`` CSR with ``vals`` at the pattern (columns in ``idx``'s order)."""
@@ -134,8 +135,9 @@ class SparsePattern:
 
     def sampled_mm(self, a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
         """``(a @ b_tᵀ)[r, idx[r, j]]`` as ``[rows, k]``, computing only those entries."""
-        ones = torch.ones(self.idx.shape, dtype=a.dtype, device=a.device)
-        return torch.sparse.sampled_addmm(self.csr(ones), a, b_t.t(), beta=0.0).values().view(self.idx.shape)
+        if self._ones is None or self._ones.dtype != a.dtype:
+            self._ones = self.csr(torch.ones(self.idx.shape, dtype=a.dtype, device=a.device))
+        return torch.sparse.sampled_addmm(self._ones, a, b_t.t(), beta=0.0).values().view(self.idx.shape)
 
 
 class TopKEncode(torch.autograd.Function):

@@ -186,28 +186,13 @@ def test_clip_and_siglip_zero_shot(ds, tmp_path):
 def test_vit_classifier_and_backbones(ds, tmp_path):
     from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTForImageClassification, ViTModel
 
-    vit = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=64,
-        patch_size=16,
-    )
     builds = {
         "vit-cls": ViTForImageClassification(
-            ViTConfig(**vit, id2label={0: "Circle", 1: "square", 2: "triangle", 3: "dog"})
+            ViTConfig(**VISION, id2label={0: "Circle", 1: "square", 2: "triangle", 3: "dog"})
         ),
-        "vit": ViTModel(ViTConfig(**vit), add_pooling_layer=False),
+        "vit": ViTModel(ViTConfig(**VISION), add_pooling_layer=False),
         "dinov2": Dinov2Model(
-            Dinov2Config(
-                hidden_size=32,
-                mlp_ratio=2,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                image_size=64,
-                patch_size=16,
-            )
+            Dinov2Config(**{k: v for k, v in VISION.items() if k != "intermediate_size"}, mlp_ratio=2)
         ),
     }
     for name, model in builds.items():
@@ -309,3 +294,59 @@ def test_unsupported_and_missing_models(tmp_path):
     )
     with pytest.raises(ModelError, match="architectures: .*DetrForObjectDetection"):
         load_adapter(tmp_path / "m")
+
+
+def test_models_from_params_and_points_cli(tmp_path, toy_root):
+    """``kind: hf`` / ``kind: torchvision`` in params.yaml: resolved by path, missing weights are one line."""
+    import torchvision
+    import yaml
+    from tiny_models import tiny_detr
+    from typer.testing import CliRunner
+
+    from blueglass.cli import app
+    from blueglass.config import load_params
+    from blueglass.models import model_location, open_model
+
+    tiny_detr(tmp_path / "weights" / "detr")
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), tmp_path / "r18.pth")
+    params = {
+        "dataset": {
+            "kind": "coco",
+            "name": "toy",
+            "splits": {
+                "val": {
+                    "images": str(toy_root / "val" / "images"),
+                    "annotations": str(toy_root / "val" / "annotations.json"),
+                }
+            },
+        },
+        "models": {
+            "detr": {"kind": "hf", "path": "weights/detr", "image_size": 64},
+            "r18": {
+                "kind": "torchvision",
+                "arch": "resnet18",
+                "weights": "r18.pth",
+                "classes": ["circle", "square", "triangle"],
+                "image_size": 64,
+            },
+            "gone": {"kind": "hf", "path": "weights/missing"},
+        },
+        "benchmark": {"runs": [{"model": "detr", "split": "val"}]},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    p = load_params(tmp_path / "params.yaml")
+    assert open_model(p, tmp_path, "detr").image_size == 64
+    r18 = open_model(p, tmp_path, "r18")
+    assert r18.task == "classification" and len(r18.weights_sha256) == 64
+    with pytest.raises(
+        ModelError, match=r"weights/missing: models.gone expects the model's save_pretrained folder"
+    ):
+        model_location(p, tmp_path, "gone")
+    res = CliRunner().invoke(
+        app, ["points", "--model", "r18", "--params", str(tmp_path / "params.yaml"), "-f", "layer*"]
+    )
+    assert res.exit_code == 0 and "layer4" in res.output
+    res = CliRunner().invoke(
+        app, ["points", "--model", str(tmp_path / "weights" / "detr"), "-f", "model.decoder.layers.*"]
+    )
+    assert res.exit_code == 0 and "model.decoder.layers.1" in res.output

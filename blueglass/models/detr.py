@@ -23,17 +23,15 @@ from torchvision.ops import box_convert
 
 from blueglass.models.base import TokenLayout
 from blueglass.models.common import ClassBinding
-from blueglass.models.hf import DECODER_QUERIES, HFDetector
+from blueglass.models.hf import DECODER_QUERIES, SetDetector
 
 
-class DetrAdapter(HFDetector):
+class DetrAdapter(SetDetector):
     architectures = (
         "DetrForObjectDetection",
         "ConditionalDetrForObjectDetection",
         "DeformableDetrForObjectDetection",
     )
-    default_fit = "letterbox"
-    default_nms_iou = 1.0
     layout_rules = DECODER_QUERIES + (
         ("class_labels_classifier", "queries"),
         ("class_embed.*", "queries"),
@@ -43,9 +41,6 @@ class DetrAdapter(HFDetector):
         ("model.encoder", "encoder"),
     )
     alias_lists = {"dec": ("model.decoder.layers",), "enc": ("model.encoder.layers",)}
-
-    def config_image_size(self) -> int:
-        return 800
 
     def bind_classes(self, categories: Mapping[int, str]) -> ClassBinding:
         id2label = self.module.config.id2label

@@ -21,13 +21,11 @@ import torch
 from torchvision.ops import box_convert
 
 from blueglass.errors import ModelError
-from blueglass.models.hf import DECODER_QUERIES, HFDetector, load_tokenizer
+from blueglass.models.hf import DECODER_QUERIES, SetDetector, load_tokenizer
 
 
-class GroundingDinoAdapter(HFDetector):
+class GroundingDinoAdapter(SetDetector):
     architectures = ("GroundingDinoForObjectDetection",)
-    default_fit = "letterbox"
-    default_nms_iou = 1.0
     layout_rules = DECODER_QUERIES + (
         ("model.text_backbone.encoder.layer.*", "text"),
         ("model.text_backbone.**", "text"),
@@ -45,9 +43,6 @@ class GroundingDinoAdapter(HFDetector):
         self.tokenizer = load_tokenizer(self.folder)
         self._text: dict[str, torch.Tensor] | None = None
         self._spans: list[tuple[int, int]] = []
-
-    def config_image_size(self) -> int:
-        return 800
 
     def bind_classes(self, categories: Mapping[int, str]):
         return self.bind_prompts(categories, "{category}")

@@ -261,3 +261,14 @@ class HFDetector(HFAdapter):
     def token_predictions(self, outputs, detections, sizes):
         """Every token's own prediction (best dataset class, its score and box) and whether it was kept."""
         return self._decode(outputs, sizes)[1]
+
+
+class SetDetector(HFDetector):
+    """DETR-style set prediction (one box per object query): letterboxed input (default side 800, the
+    reference processors' shortest edge), no NMS."""
+
+    default_fit = "letterbox"
+    default_nms_iou = 1.0
+
+    def config_image_size(self) -> int:
+        return 800

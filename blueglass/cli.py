@@ -360,27 +360,51 @@ def registry_list(
     if not rows:
         typer.echo("the registry is empty")
         return
-    t = Table("model", "version", "aliases", "headline", "headline by split")
+    t = Table("model", "version", "aliases", "headline", "headline by split", "review")
     for r in rows:
         # every metric tag stays in the MLflow UI; the table shows the headline per split (val, test, …)
         shown = {k: v for k, v in r.metrics.items() if k.split(".", 1)[-1] == r.headline and "." in k}
         metrics = ", ".join(f"{k} {float(v):.3f}" for k, v in sorted(shown.items()))
-        t.add_row(r.name, r.version, ",".join(r.aliases), r.headline, metrics)
-    Console(width=200).print(t)
+        if not metrics and r.value(r.headline) is not None:
+            metrics = f"{r.headline} {r.value(r.headline):.3f}"
+        review = [
+            f"{k} {r.value(k):.3f}"
+            for k in ("fvu", "l0", "dead_frac", "recovered")
+            if ".sae-" in r.name and r.value(k) is not None
+        ]
+        t.add_row(r.name, r.version, ",".join(r.aliases), r.headline, metrics, ", ".join(review))
+    Console(width=220).print(t)
 
 
 @registry_app.command("promote")
 @user_errors
 def registry_promote(
-    name: Annotated[str, typer.Argument(help="Registered model name.")],
-    version: Annotated[str, typer.Argument(help="Version number.")],
+    name: Annotated[str | None, typer.Argument(help="Registered model name.")] = None,
+    version: Annotated[str | None, typer.Argument(help="Version number.")] = None,
     alias: Annotated[
         str, typer.Option("--alias", help="Alias to set (champion, challenger, …).")
     ] = "champion",
+    by: Annotated[
+        str | None,
+        typer.Option("--by", help="Instead of NAME VERSION: make the version with the best value of this tag "
+                     "(e.g. recovered) champion of every SAE registered model (one per point and variant)."),
+    ] = None,
 ) -> None:
-    """Set an alias on a registered model version by hand."""
-    from blueglass.tracking import promote
+    """Set an alias on a registered model version by hand, or pick SAE champions per point by a metric."""
+    from blueglass.errors import BlueGlassError
+    from blueglass.tracking import promote, promote_by
 
+    if by is not None:
+        if name or version:
+            raise BlueGlassError("registry promote: give NAME VERSION or --by, not both")
+        chosen = promote_by(by)
+        if not chosen:
+            typer.echo(f"no SAE version carries '{by}' yet (run the patch stages first)")
+        for n, v, val in chosen:
+            typer.echo(f"{n} v{v} is now @champion ({by} {val:.3f})")
+        return
+    if not (name and version):
+        raise BlueGlassError("registry promote: give NAME VERSION, or --by <metric>")
     promote(name, version, alias)
     typer.echo(f"{name} v{version} is now @{alias}")
 

@@ -371,6 +371,15 @@ class VersionRow:
     metrics: dict[str, str]
     created: int
     description: str
+    tags: dict[str, str]
+
+    def value(self, key: str) -> float | None:
+        """A numeric tag: ``recovered`` or ``metric.<key>``; None when absent."""
+        raw = self.tags.get(key, self.tags.get(f"metric.{key}"))
+        try:
+            return float(raw) if raw not in (None, "", "None") else None
+        except ValueError:
+            return None
 
 
 def list_registry(name_filter: str | None = None) -> list[VersionRow]:
@@ -397,6 +406,7 @@ def list_registry(name_filter: str | None = None) -> list[VersionRow]:
                     },
                     created=int(v.creation_timestamp or 0),
                     description=v.description or "",
+                    tags=dict(v.tags),
                 )
             )
     return sorted(rows, key=lambda r: (r.name, int(r.version)))
@@ -414,6 +424,26 @@ def promote(name: str, version: str, alias: str) -> None:
         raise BlueGlassError(f"registry: no version {version} of model '{name}'") from None
     client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, "alias_reason", f"set to {alias} by hand")
+
+
+def promote_by(key: str, name_filter: str = ".sae-", higher_is_better: bool = True) -> list[tuple[str, str, float]]:
+    """Make the version with the best ``key`` tag (e.g. ``recovered``) ``champion`` of each registered model
+    whose name contains ``name_filter`` (SAEs: one registered model per point and variant). Returns the
+    (name, version, value) chosen; models without any version carrying ``key`` are left alone."""
+    from mlflow import MlflowClient
+
+    best: dict[str, tuple[str, float]] = {}
+    for row in list_registry(name_filter):
+        v = row.value(key)
+        if v is None:
+            continue
+        if row.name not in best or (v > best[row.name][1] if higher_is_better else v < best[row.name][1]):
+            best[row.name] = (row.version, v)
+    client = MlflowClient()
+    for name, (version, v) in best.items():
+        client.set_registered_model_alias(name, "champion", version)
+        client.set_model_version_tag(name, version, "alias_reason", f"best {key} ({v:.4g}) among versions")
+    return [(n, ver, v) for n, (ver, v) in sorted(best.items())]
 
 
 def configure_registry_only(root: Path | None = None) -> None:

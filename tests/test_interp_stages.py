@@ -116,8 +116,8 @@ def test_patch_stage_reports_recovered_and_registers_patched_models(project, mon
     v = client.get_model_version("toy-detector+sae-topk@vit.layers.0", ivs["sae-topk"]["registry"]["version"])
     assert v.tags["base"] == "toy-detector/1" and v.tags["sae"] == "toy-detector.vit.layers.0.sae-topk/1"
     sae_v = client.get_model_version("toy-detector.vit.layers.0.sae-topk", "1")
-    if ivs["sae-topk"]["recovered"] is not None:
-        assert float(sae_v.tags["recovered"]) == pytest.approx(ivs["sae-topk"]["recovered"], rel=1e-5)
+    assert ivs["sae-topk"]["recovered"] is not None, out["clean"]  # the zero ablation must hurt
+    assert float(sae_v.tags["recovered"]) == pytest.approx(ivs["sae-topk"]["recovered"], rel=1e-5)
     assert (root / "plots" / "patch_toy-detector.csv").read_text().startswith("intervention,site,clean")
     # the registered patched model loads its base model and SAE from the registry and applies the SAE
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
@@ -129,3 +129,16 @@ def test_patch_stage_reports_recovered_and_registers_patched_models(project, mon
     patched = mlflow.pyfunc.load_model("models:/toy-detector+sae-relu@vit.layers.0@champion").predict(frame)
     base = mlflow.pyfunc.load_model("models:/toy-detector/1").predict(frame)
     assert list(patched.columns) == list(base.columns) and not patched.equals(base)
+    # registry review: SAE versions show their reconstruction metrics and recovered; champions by recovered
+    from blueglass.tracking import list_registry, promote_by
+
+    row = next(r for r in list_registry("toy-detector.vit.layers.0.sae-topk") if r.version == "1")
+    assert row.value("fvu") is not None and row.value("l0") is not None
+    assert row.value("recovered") == pytest.approx(ivs["sae-topk"]["recovered"], rel=1e-5)
+    chosen = promote_by("recovered")
+    assert {n for n, _, _ in chosen} == {"toy-detector.vit.layers.0.sae-topk", "toy-detector.vit.layers.0.sae-relu"}
+    listing = subprocess.run(
+        [sys.executable, "-m", "blueglass.cli", "registry", "list", "--name", ".sae-"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert listing.returncode == 0 and "recovered" in listing.stdout, listing.stderr

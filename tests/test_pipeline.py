@@ -54,6 +54,8 @@ def test_dvc_repro_end_to_end(scratch_repo):
         "extract@toy-detector-test-random",
         "probe@toy-detector",
         "sae@toy-detector-l0-topk",
+        "patch@toy-detector",
+        "report",
     ):
         assert f"Running stage '{stage}'" in first
 
@@ -121,6 +123,14 @@ def test_dvc_repro_end_to_end(scratch_repo):
         and sae_v.tags["headline_metric"] == "fvu"
     )
     assert (repo / "models" / "saes" / "toy-detector-l0-topk" / "topk" / "cfg.json").is_file()
+    # patched evaluations: recovered on the SAE's own version, patched models registered, the report built
+    patch = json.loads((repo / "metrics" / "patch_toy-detector.json").read_text())
+    assert set(patch["interventions"]) == {"sae-topk", "sae-relu", "steer-color", "clamp-latents"}
+    assert float(sae_v.tags["recovered"]) == pytest.approx(patch["interventions"]["sae-topk"]["recovered"], rel=1e-5)
+    assert client.get_model_version_by_alias("toy-detector+sae-topk@vit.layers.0", "champion").tags["base"]
+    assert "recovered" in shown
+    html = (repo / "reports" / "index.html").read_text()
+    assert "sae-topk" in html and "latents/toy-detector-l0-topk/topk/" in html
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["benchmark"]["batch_size"] = 5

@@ -120,6 +120,13 @@ def test_owlvit_and_owlv2(ds, tmp_path):
         assert _layout(man, "class_head")["kinds"] == {"patch": 16}
         block = next(Lens(tmp_path / f"{name}-lens" / "lens").blocks("class_head"))
         assert block.meta["kept"].sum() > 0  # each patch token carries its own box prediction
+    bigger = load_adapter(tmp_path / "owlv2", options={"image_size": 96})  # 6 × 6 patches, interpolated
+    blank = bigger.preprocess([np.zeros((40, 90, 3), np.uint8)] * 2)
+    with pytest.raises(ModelError, match="call set_classes"):
+        bigger.forward(blank)
+    bigger.set_classes(ds.categories)
+    out = bigger.forward(blank)
+    assert out["boxes"].shape == (2, 36, 4) and bigger.point_layout("class_head").rows == 6
 
 
 def test_owlvit_vocabulary_is_matched_by_its_text_encoder(ds, tmp_path):

@@ -85,6 +85,10 @@ class GroundingDinoAdapter(SetDetector):
         return (e / e.norm(dim=-1, keepdim=True).clamp_min(1e-8)).cpu().numpy()
 
     def forward(self, batch: dict[str, torch.Tensor]):
+        if self._text is None:
+            raise ModelError(
+                "a text-prompted detector needs its classes: call set_classes(dataset.categories)"
+            )
         b = batch["pixel_values"].shape[0]
         text = {k: v.expand(b, -1) for k, v in self._text.items()}
         return self.module(pixel_values=batch["pixel_values"], **text)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_convert
 
+from blueglass.errors import ModelError
 from blueglass.models.hf import HFDetector, load_tokenizer
 
 
@@ -65,12 +66,20 @@ class OwlAdapter(HFDetector):
         self._query_embeds = self._text_features(self.prompts)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        feature_map, _ = self.module.image_embedder(pixel_values=batch["pixel_values"])
+        # another input size than the checkpoint's: interpolate position embeddings and box biases
+        interp = self.image_size != self.module.config.vision_config.image_size
+        feature_map, _ = self.module.image_embedder(
+            pixel_values=batch["pixel_values"], interpolate_pos_encoding=interp
+        )
         b, h, w, d = feature_map.shape
         feats = feature_map.reshape(b, h * w, d)
+        if self._query_embeds is None:
+            raise ModelError(
+                "a text-prompted detector needs its classes: call set_classes(dataset.categories)"
+            )
         queries = self._query_embeds[None].expand(b, -1, -1)
         logits, _ = self.module.class_predictor(feats, queries, None)
-        boxes = self.module.box_predictor(feats, feature_map)
+        boxes = self.module.box_predictor(feats, feature_map, interpolate_pos_encoding=interp)
         return {"logits": logits, "boxes": boxes}
 
     def _probs_boxes(self, outputs):

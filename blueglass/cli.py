@@ -386,8 +386,11 @@ def registry_promote(
     ] = "champion",
     by: Annotated[
         str | None,
-        typer.Option("--by", help="Instead of NAME VERSION: make the version with the best value of this tag "
-                     "(e.g. recovered) champion of every SAE registered model (one per point and variant)."),
+        typer.Option(
+            "--by",
+            help="Instead of NAME VERSION: make the version with the best value of this tag "
+            "(e.g. recovered) champion of every SAE registered model (one per point and variant).",
+        ),
     ] = None,
 ) -> None:
     """Set an alias on a registered model version by hand, or pick SAE champions per point by a metric."""

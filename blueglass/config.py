@@ -343,7 +343,9 @@ class InterventionSpec(Strict):
     kind: Literal["sae", "sae_error", "steer", "clamp"]
     sae: str | None = Field(None, pattern=r"^[^/]+/[^/]+$")
     probe: str | None = Field(None, pattern=r"^[^/]+/[^/]+/[^/]+$")
-    target_class: str | None = Field(None, description="steer: the probe class (value name or id) to steer to")
+    target_class: str | None = Field(
+        None, description="steer: the probe class (value name or id) to steer to"
+    )
     alpha: float = 4.0
     latents: list[int] = Field(default_factory=list, description="clamp: latent ids")
     concept: str | None = Field(
@@ -418,7 +420,9 @@ class Params(Strict):
                     run, member = iv.sae.split("/")
                     if run not in saes or member not in saes[run].members():
                         known = [f"{k}/{m}" for k, v in saes.items() for m in v.members()]
-                        raise ValueError(f"{where}.sae: unknown SAE '{iv.sae}' (SAEs: {', '.join(known) or 'none'})")
+                        raise ValueError(
+                            f"{where}.sae: unknown SAE '{iv.sae}' (SAEs: {', '.join(known) or 'none'})"
+                        )
                 if iv.probe and iv.probe.split("/")[0] not in probes:
                     raise ValueError(
                         f"{where}.probe: unknown probe run '{iv.probe.split('/')[0]}' (probe.runs: {', '.join(probes) or 'none'})"

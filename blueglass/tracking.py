@@ -221,6 +221,18 @@ def lightning_logger(run_id: str) -> Any:
     return _Logger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id)
 
 
+@contextlib.contextmanager
+def main_run(
+    stage: str, *, run_name: str, experiment: str, wandb_cfg: Any = None, tags=None
+) -> Iterator[Run | None]:
+    """:func:`start_run` in the main process; ``None`` in the extra processes of a DDP job."""
+    if not is_main_process():
+        yield None
+        return
+    with start_run(stage, run_name=run_name, experiment=experiment, wandb_cfg=wandb_cfg, tags=tags) as r:
+        yield r
+
+
 def _start_wandb(cfg: Any, run_name: str, tags: Mapping[str, str]) -> Any:
     if cfg is None or not getattr(cfg, "enabled", False):
         return None
@@ -426,7 +438,9 @@ def promote(name: str, version: str, alias: str) -> None:
     client.set_model_version_tag(name, version, "alias_reason", f"set to {alias} by hand")
 
 
-def promote_by(key: str, name_filter: str = ".sae-", higher_is_better: bool = True) -> list[tuple[str, str, float]]:
+def promote_by(
+    key: str, name_filter: str = ".sae-", higher_is_better: bool = True
+) -> list[tuple[str, str, float]]:
     """Make the version with the best ``key`` tag (e.g. ``recovered``) ``champion`` of each registered model
     whose name contains ``name_filter`` (SAEs: one registered model per point and variant). Returns the
     (name, version, value) chosen; models without any version carrying ``key`` are left alone."""

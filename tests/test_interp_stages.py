@@ -100,7 +100,9 @@ def test_patch_stage_reports_recovered_and_registers_patched_models(project, mon
     from blueglass.tracking import register_model, start_run
 
     with start_run("train_model", run_name="base"):
-        register_model(root / "models" / "toy-detector", "toy-detector", description="base", metrics={}, headline="AP")
+        register_model(
+            root / "models" / "toy-detector", "toy-detector", description="base", metrics={}, headline="AP"
+        )
     sae.run(p, root, "toy-detector-l0-topk")
     probe.run(p, root, "toy-detector")
     out = patch.run(p, root, "toy-detector")
@@ -136,9 +138,14 @@ def test_patch_stage_reports_recovered_and_registers_patched_models(project, mon
     assert row.value("fvu") is not None and row.value("l0") is not None
     assert row.value("recovered") == pytest.approx(ivs["sae-topk"]["recovered"], rel=1e-5)
     chosen = promote_by("recovered")
-    assert {n for n, _, _ in chosen} == {"toy-detector.vit.layers.0.sae-topk", "toy-detector.vit.layers.0.sae-relu"}
+    assert {n for n, _, _ in chosen} == {
+        "toy-detector.vit.layers.0.sae-topk",
+        "toy-detector.vit.layers.0.sae-relu",
+    }
     listing = subprocess.run(
         [sys.executable, "-m", "blueglass.cli", "registry", "list", "--name", ".sae-"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert listing.returncode == 0 and "recovered" in listing.stdout, listing.stderr

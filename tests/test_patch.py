@@ -177,7 +177,9 @@ def test_streaming_top_k_equals_brute_force_and_renders(world, tmp_path):
     assert np.array_equal(np.where(fired, rows, -1), np.where(fired, br.numpy(), -1))
     hit = rows[rows >= 0]
     assert set(meta["row"].tolist()) == set(hit.tolist())
-    assert all(all_meta[r]["image_id"] == m["image_id"] for r, m in zip(meta["row"], meta["meta"]))
+    assert all(
+        all_meta[r]["image_id"] == m["image_id"] for r, m in zip(meta["row"], meta["meta"], strict=True)
+    )
     ids = sorted(int(k) for k in lens.manifest["categories"])
     means = class_means(sae, lens, POINT, "cover_class", max(ids) + 1)
     c = ids[0]
@@ -185,8 +187,14 @@ def test_streaming_top_k_equals_brute_force_and_renders(world, tmp_path):
     assert np.allclose(means[c], brute, atol=1e-4)
     images = {r.id: r.path for r in world["ds"].images}
     doc = render_latents(
-        sae, lens, POINT, images, tmp_path / "latents",
-        classes={int(k): v for k, v in lens.manifest["categories"].items()}, n_latents=3, n_tokens=5,
+        sae,
+        lens,
+        POINT,
+        images,
+        tmp_path / "latents",
+        classes={int(k): v for k, v in lens.manifest["categories"].items()},
+        n_latents=3,
+        n_tokens=5,
     )
     assert len(doc["top_latents"]) == 3 and doc["class_heatmap"] == "class_heatmap.png"
     for e in doc["top_latents"]:

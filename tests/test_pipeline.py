@@ -126,7 +126,9 @@ def test_dvc_repro_end_to_end(scratch_repo):
     # patched evaluations: recovered on the SAE's own version, patched models registered, the report built
     patch = json.loads((repo / "metrics" / "patch_toy-detector.json").read_text())
     assert set(patch["interventions"]) == {"sae-topk", "sae-relu", "steer-color", "clamp-latents"}
-    assert float(sae_v.tags["recovered"]) == pytest.approx(patch["interventions"]["sae-topk"]["recovered"], rel=1e-5)
+    assert float(sae_v.tags["recovered"]) == pytest.approx(
+        patch["interventions"]["sae-topk"]["recovered"], rel=1e-5
+    )
     assert client.get_model_version_by_alias("toy-detector+sae-topk@vit.layers.0", "champion").tags["base"]
     assert "recovered" in shown
     html = (repo / "reports" / "index.html").read_text()

@@ -133,7 +133,7 @@ def render_latents(
     entries = []
     for j in chosen:
         tiles = []
-        for v, r in zip(values[:, j], rows[:, j], strict=True):
+        for r in rows[:, j]:
             if r < 0:
                 continue
             m = row_meta[int(r)]

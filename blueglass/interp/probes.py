@@ -274,7 +274,9 @@ def _probe_module(d: int, heads: dict[str, _Head], mu, sd, s: ProbeSettings, ste
             super().__init__()
             self.linear = torch.nn.Linear(d, sum(h.width for h in heads.values()))
             bounds = np.cumsum([0] + [h.width for h in heads.values()])
-            self.slices = {n: slice(int(a), int(b)) for n, a, b in zip(heads, bounds[:-1], bounds[1:])}
+            self.slices = {
+                n: slice(int(a), int(b)) for n, a, b in zip(heads, bounds[:-1], bounds[1:], strict=True)
+            }
             self.register_buffer("mu", mu)
             self.register_buffer("sd", sd)
 
@@ -297,7 +299,9 @@ def _probe_module(d: int, heads: dict[str, _Head], mu, sd, s: ProbeSettings, ste
                 else:
                     valid = batch[f"m/{name}"].float()
                     per_row = (out.float() - y).pow(2).mean(-1)
-                loss = (per_row * valid).sum() / valid.sum().clamp_min(1.0)  # masked mean over this head's rows
+                loss = (per_row * valid).sum() / valid.sum().clamp_min(
+                    1.0
+                )  # masked mean over this head's rows
                 total = total + loss
                 logs[metric_key(s.log_prefix, name, "loss")] = loss.detach()
             self.log_dict(logs)

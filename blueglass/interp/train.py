@@ -140,7 +140,9 @@ def fit(
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None), ckpt_path=resume)
+    trainer.fit(
+        module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None), ckpt_path=resume
+    )
     return trainer
 
 

@@ -32,7 +32,11 @@ class BlueGlassModel(PythonModel):
             doc = json.loads((folder / "patch.json").read_text())
             spec = doc["intervention"]
             self.adapter = mlflow.pyfunc.load_model(doc["base_uri"]).unwrap_python_model().adapter
-            sae = mlflow.pyfunc.load_model(spec["sae_uri"]).unwrap_python_model().sae if "sae_uri" in spec else None
+            sae = (
+                mlflow.pyfunc.load_model(spec["sae_uri"]).unwrap_python_model().sae
+                if "sae_uri" in spec
+                else None
+            )
             direction = None
             if "probe_uri" in spec:
                 probe = mlflow.pyfunc.load_model(spec["probe_uri"]).unwrap_python_model().probe

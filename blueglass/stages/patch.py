@@ -60,7 +60,10 @@ def _resolve(params: Params, base: Path, name: str, iv_name: str, iv: Interventi
         cfg = json.loads((folder / "cfg.json").read_text())
         spec["point"] = cfg["blueglass"]["hook_name"]
         loaded["sae"] = SparseAutoencoder.load(folder).eval()
-        loaded["sae_ref"] = (f"{model}.{spec['point']}.sae-{loaded['sae'].cfg.variant}", weights_sha256(folder))
+        loaded["sae_ref"] = (
+            f"{model}.{spec['point']}.sae-{loaded['sae'].cfg.variant}",
+            weights_sha256(folder),
+        )
     if iv.probe:
         run, point, target = iv.probe.split("/")
         folder = base / "models" / "probes" / run / point / target
@@ -99,7 +102,9 @@ def _class_id(params, base, probe, value: str, where: str, target: str) -> int:
         vocab = man.get("concepts", {}).get(target) or [c["name"] for c in man.get("categories", [])]
     if value in vocab and vocab.index(value) in probe.classes:
         return vocab.index(value)
-    raise ConfigError(f"{where}: {value!r} is not a class of this probe (classes: {probe.classes}, names: {vocab})")
+    raise ConfigError(
+        f"{where}: {value!r} is not a class of this probe (classes: {probe.classes}, names: {vocab})"
+    )
 
 
 def _concept_latents(params, base, sae, point, iv: InterventionSpec, where: str) -> list[int]:
@@ -115,7 +120,9 @@ def _concept_latents(params, base, sae, point, iv: InterventionSpec, where: str)
     lens = Lens(base / "lens" / cfg["blueglass"]["lens"])
     vocab = lens.manifest.get("concepts", {}).get(concept)
     if vocab is None or value not in vocab:
-        raise ConfigError(f"{where}.concept: no concept value {iv.concept!r} in Lens {cfg['blueglass']['lens']}")
+        raise ConfigError(
+            f"{where}.concept: no concept value {iv.concept!r} in Lens {cfg['blueglass']['lens']}"
+        )
     blocks = list(lens.read_shard(lens.shards(point)[-1]))
     feats = np.concatenate([b.feats for b in blocks])
     meta = np.concatenate([b.meta for b in blocks])
@@ -150,9 +157,7 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
     adapter = open_model(params, base, spec.model, device=rt["device"])
     base_sha = weights_sha256(model_dir)
     base_version = find_version(spec.model, base_sha)
-    resolved = {
-        n: _resolve(params, base, name, n, iv, spec.model) for n, iv in spec.interventions.items()
-    }
+    resolved = {n: _resolve(params, base, name, n, iv, spec.model) for n, iv in spec.interventions.items()}
     sites = sorted({s["point"] for s, _, _ in resolved.values()})
     for p in sites:
         lens.point(p)  # the mean ablation needs the site in the Lens
@@ -162,14 +167,15 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
         task = bar.add_task(f"patch {name}: {label}", total=len(ds), info="")
         with FeaturePatcher(adapter, patches), torch.no_grad():
             return evaluate(
-                adapter, ds, batch_size=params.patch.batch_size, prompts=bp.prompts,
+                adapter,
+                ds,
+                batch_size=params.patch.batch_size,
+                prompts=bp.prompts,
                 tick=lambda k, t=task: bar.advance(t, k),
             )
 
     def ablations(points: list[str], kind: str):
-        return [
-            patch_from_spec({"kind": kind, "point": p}, mean=lens.point(p)["mean"]) for p in points
-        ]
+        return [patch_from_spec({"kind": kind, "point": p}, mean=lens.point(p)["mean"]) for p in points]
 
     with progress() as bar:
         clean = evaluate_with([], "clean", bar)
@@ -188,9 +194,7 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
         joint_sites = sorted({resolved[n][0]["point"] for n in sae_ivs})
         joint = None
         if len(joint_sites) > 1:
-            joint_patches = [
-                patch_from_spec(resolved[n][0], sae=resolved[n][1]["sae"]) for n in sae_ivs
-            ]
+            joint_patches = [patch_from_spec(resolved[n][0], sae=resolved[n][1]["sae"]) for n in sae_ivs]
             joint = {
                 "patched": evaluate_with(joint_patches, "joint", bar),
                 "zero": evaluate_with(ablations(joint_sites, "zero"), "joint zero", bar),
@@ -244,7 +248,10 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
         for n, (s, loaded, uses) in resolved.items():
             site = s["point"]
             r = row(
-                s["kind"], [site], patched[n], site_results[site]["zero_ablation"],
+                s["kind"],
+                [site],
+                patched[n],
+                site_results[site]["zero_ablation"],
                 site_results[site]["mean_ablation"],
             )
             folder = tmp_root / n
@@ -279,7 +286,12 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
                         ),
                         metrics={k: v for k, v in r.items() if isinstance(v, float)},
                         headline="recovered" if r["recovered"] is not None else "metric_patched",
-                        tags={"base": f"{spec.model}/{base_version}", "point": site, "kind": s["kind"], **uses},
+                        tags={
+                            "base": f"{spec.model}/{base_version}",
+                            "point": site,
+                            "kind": s["kind"],
+                            **uses,
+                        },
                     )
             r["registry"] = {"name": reg, "version": version, "alias": alias}
             r["uses"] = uses
@@ -303,13 +315,23 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
         write_json(base / "metrics" / f"patch_{name}.json", _without_full_metrics(out))
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["intervention", "site", "clean", "patched", "zero_ablation", "mean_ablation", "recovered"])
+        w.writerow(
+            ["intervention", "site", "clean", "patched", "zero_ablation", "mean_ablation", "recovered"]
+        )
         rows = list(out["interventions"].items()) + ([("joint", out["joint"])] if "joint" in out else [])
         for n, r in rows:
             w.writerow(
                 [n, "+".join(r["sites"])]
-                + [_round(r[k]) for k in ("metric_clean", "metric_patched", "metric_zero_ablation",
-                                         "metric_mean_ablation", "recovered")]
+                + [
+                    _round(r[k])
+                    for k in (
+                        "metric_clean",
+                        "metric_patched",
+                        "metric_zero_ablation",
+                        "metric_mean_ablation",
+                        "recovered",
+                    )
+                ]
             )
         write_text(base / "plots" / f"patch_{name}.csv", buf.getvalue())
         parent.log_artifact(base / "plots" / f"patch_{name}.csv")

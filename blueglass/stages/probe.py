@@ -9,7 +9,6 @@ probe beats the control's by ``learned_margin``.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import shutil
@@ -19,7 +18,7 @@ from typing import Any
 from blueglass.config import Params
 from blueglass.errors import ConfigError
 from blueglass.runtime import progress, setup, write_json, write_text
-from blueglass.tracking import is_main_process, register_model, start_run
+from blueglass.tracking import is_main_process, main_run, register_model
 
 
 def headline(kind: str) -> str:
@@ -54,18 +53,14 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
         shutil.rmtree(tmp)
     model = lens.manifest["model"]["name"]
     pp = params.probe
-    with contextlib.ExitStack() as stack:
-        r = None
-        if main:
-            r = stack.enter_context(
-                start_run(
-                    "probe",
-                    run_name=f"probe {name}",
-                    experiment=params.tracking.experiment,
-                    wandb_cfg=params.tracking.wandb,
-                    tags={"lens": spec.lens, "model": model},
-                )
-            )
+    with main_run(
+        "probe",
+        run_name=f"probe {name}",
+        experiment=params.tracking.experiment,
+        wandb_cfg=params.tracking.wandb,
+        tags={"lens": spec.lens, "model": model},
+    ) as r:
+        if r is not None:
             r.log_params({"probe": spec.model_dump(), **pp.model_dump(exclude={"runs"}), "runtime": rt})
             r.log_input(f"lens-{spec.lens}", lens_md5(lens.root), lens.root, context="lens")
             if control is not None:

@@ -13,7 +13,6 @@ removed once the run has finished.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
@@ -25,7 +24,7 @@ import numpy as np
 from blueglass.config import Params, SaeRun
 from blueglass.errors import ConfigError
 from blueglass.runtime import replace_dir, setup, write_json
-from blueglass.tracking import is_main_process, register_model, start_run
+from blueglass.tracking import main_run, register_model
 
 
 def sae_config(spec: SaeRun, d_in: int, where: str):
@@ -75,19 +74,14 @@ def run(params: Params, base: Path, name: str, callbacks=()) -> dict[str, Any]:
 
     from blueglass.interp.train import TrainSettings, train_saes
 
-    main = is_main_process()
-    with contextlib.ExitStack() as stack:
-        r = None
-        if main:
-            r = stack.enter_context(
-                start_run(
-                    "sae",
-                    run_name=f"sae {name}",
-                    experiment=params.tracking.experiment,
-                    wandb_cfg=params.tracking.wandb,
-                    tags={"lens": spec.lens, "point": spec.point, "members": ",".join(members)},
-                )
-            )
+    with main_run(
+        "sae",
+        run_name=f"sae {name}",
+        experiment=params.tracking.experiment,
+        wandb_cfg=params.tracking.wandb,
+        tags={"lens": spec.lens, "point": spec.point, "members": ",".join(members)},
+    ) as r:
+        if r is not None:
             r.log_params({"sae": spec.model_dump(), "runtime": rt})
             r.log_input(f"lens-{spec.lens}", md5, lens_dir, context="lens")
         res = train_saes(
@@ -151,7 +145,11 @@ def _finish_member(r, base, name, member, spec, out, res, lens, model, md5, imag
     hist_path = base / "metrics" / f".sae_{name}_{member}_firing.json"
     write_json(
         hist_path,
-        {"log10_frequency_bin_edges": hist[1].tolist(), "latents": hist[0].tolist(), "concept_recovery": recovery},
+        {
+            "log10_frequency_bin_edges": hist[1].tolist(),
+            "latents": hist[0].tolist(),
+            "concept_recovery": recovery,
+        },
     )
     r.log_artifact(hist_path, artifact_path=f"firing_frequency/{member}")
     hist_path.unlink()

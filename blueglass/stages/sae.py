@@ -23,7 +23,7 @@ import numpy as np
 
 from blueglass.config import Params, SaeRun
 from blueglass.errors import ConfigError
-from blueglass.runtime import replace_dir, setup, write_json
+from blueglass.runtime import replace_dir, setup, write_json, write_text
 from blueglass.tracking import main_run, register_model
 
 
@@ -114,6 +114,10 @@ def run(params: Params, base: Path, name: str, callbacks=()) -> dict[str, Any]:
                 r, base, name, member, members[member], out, res, lens, model, md5, images
             )
     shutil.rmtree(ckpt_root, ignore_errors=True)
+    rows = ["member,variant,l0,fvu,dead_frac"] + [
+        f"{m},{members[m].variant},{s['l0']:.6f},{s['fvu']:.6f},{s['dead_frac']:.6f}" for m, s in summary.items()
+    ]
+    write_text(base / "plots" / f"sae_{name}.csv", "\n".join(rows) + "\n")
     write_json(
         base / "metrics" / f"sae_{name}.json",
         {m: {k: v for k, v in s.items() if k not in ("lr", "registry")} for m, s in summary.items()},

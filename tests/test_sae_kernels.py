@@ -77,3 +77,9 @@ def test_topk_encode_with_b_dec_matches_dense_reference():
     (dense - x).pow(2).sum().backward()
     for a, t in zip(g_fast, params, strict=True):
         torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_topk_exact_on_a_non_contiguous_input():
+    pre = torch.randn(2048, 100).t()  # [100, 2048], column-major
+    vals, idx = topk_exact(pre, 32)
+    assert torch.equal(idx.sort(-1).values, pre.topk(32, dim=-1).indices.sort(-1).values)

@@ -86,14 +86,15 @@ def topk_exact(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     element as a d_in=256 GEMM). Columns are split into ``n / c`` strided chunks ``{j, j + n/c, …}``; every
     element of the row's top-k lies in one of the ``k`` chunks with the largest maxima (were it outside,
     those ``k`` maxima would be ``k`` larger elements), so the top-k of those ``k · c`` candidates is the
-    row's top-k (ties aside: any unselected element is ≤ every selected one).
+    row's top-k (ties aside: any unselected element is ≤ every selected one). Measured on CPUs only:
+    elsewhere (and for narrow rows) it is plain ``torch.topk``.
     """
     rows, n = pre.shape
     c = _chunk_size(n, k)
-    if c == 1:
+    if c == 1 or pre.device.type != "cpu":
         return pre.topk(k, dim=-1, sorted=False)
     nc = n // c
-    chunk_max = pre.view(rows, c, nc).amax(1)  # elementwise max over c contiguous slices: vectorised
+    chunk_max = pre.reshape(rows, c, nc).amax(1)  # elementwise max over c contiguous slices: vectorised
     chunks = chunk_max.topk(k, dim=-1, sorted=False).indices  # [rows, k]
     cand = (chunks.unsqueeze(-1) + torch.arange(0, n, nc, device=pre.device)).view(rows, k * c)
     vals, pos = pre.gather(1, cand).topk(k, dim=-1, sorted=False)

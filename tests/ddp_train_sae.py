@@ -1,8 +1,10 @@
-"""Run under torchrun by tests/test_sae_training.py: train one SAE with DDP, report what this rank did."""
+"""Run under torchrun by tests/test_sae_training.py: train one SAE and the probes of a labelled Lens with DDP,
+report what this rank did."""
 
 import hashlib
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -21,6 +23,17 @@ weights = b"".join(
     for v in res["sae"].state_dict().values()
     if v.is_floating_point()
 )
+# probes: every target of a point in one LightningModule, DDP over the same two processes
+sys.path.insert(0, str(Path(__file__).parent))
+from test_probes import _lens_like, write_lens  # noqa: E402
+
+from blueglass.interp.probes import ProbeSettings, ProbeTarget, train_probes  # noqa: E402
+
+probe_lens = write_lens(Path(out) / f"probe-lens-{res['rank']}", *_lens_like())
+probes = train_probes(
+    probe_lens, "p", [ProbeTarget("color", "color")], ProbeSettings(devices=2, epochs=2, min_steps=40)
+)
+probe_hash = hashlib.sha256(probes["color"].weight.tobytes() + probes["color"].bias.tobytes()).hexdigest()
 with open(f"{out}/rank{res['rank']}.json", "w") as fh:
     json.dump(
         {
@@ -30,6 +43,8 @@ with open(f"{out}/rank{res['rank']}.json", "w") as fh:
             "shards": res["shards_read"],
             "weights": hashlib.sha256(weights).hexdigest(),
             "fvu": res["metrics"]["fvu"],
+            "probe_weights": probe_hash,
+            "probe_accuracy": probes["color"].metrics["accuracy"],
         },
         fh,
     )

@@ -74,6 +74,8 @@ def test_ddp_two_processes_take_equal_steps_on_disjoint_shards(tmp_path):
     assert r0["shards"] and r1["shards"] and not set(r0["shards"]) & set(r1["shards"])
     assert len(set(r0["shards"]) | set(r1["shards"])) == 5  # every training shard, the held-out one excluded
     assert r0["weights"] == r1["weights"]
+    # probes under the same DDP job: identical heads on both ranks, and they still learn the concept
+    assert r0["probe_weights"] == r1["probe_weights"] and r0["probe_accuracy"] > 0.9
 
 
 def test_sweep_trains_each_sae_as_if_alone(tmp_path):

@@ -184,8 +184,9 @@ def record_lens(
             "d": all_layouts[p.name]["d"],
             "dtype": dtype,
             "layout": {k: v for k, v in all_layouts[p.name].items() if k != "d"},
+            "depth": depth,  # position in the model's module order (the manifest's keys are sorted)
         }
-        for p in points
+        for depth, p in enumerate(points)
         if p.name in all_layouts
     }
     manifest = {

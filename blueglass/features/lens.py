@@ -284,7 +284,9 @@ class Lens:
 
     @property
     def points(self) -> list[str]:
-        return list(self.manifest["points"])
+        """Point names in the model's order (input to output), as recorded."""
+        pts = self.manifest["points"]
+        return sorted(pts, key=lambda n: (pts[n].get("depth", 0), n))
 
     def point(self, name: str) -> dict[str, Any]:
         if name not in self.manifest["points"]:

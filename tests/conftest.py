@@ -33,6 +33,13 @@ def mlflow_project(tmp_path, migrated_db, monkeypatch) -> Path:
     monkeypatch.setenv("BLUEGLASS_ROOT", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("DVC_STAGE", raising=False)
+    import mlflow
+
+    # MLflow keeps the last set_tracking_uri / set_registry_uri process-wide: point both at this test's DB,
+    # so an earlier test's project can never receive this test's runs or registered models
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     return tmp_path
 
 

@@ -349,6 +349,7 @@ def find_version(name: str, sha256: str) -> str | None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    configure_registry_only()
     try:
         versions = MlflowClient().search_model_versions(f"name = '{name}'")
     except MlflowException:
@@ -362,6 +363,7 @@ def tag_versions_by_weights(name: str, sha256: str, tags: Mapping[str, Any]) -> 
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    configure_registry_only()
     client = MlflowClient()
     try:
         versions = client.search_model_versions(f"name = '{name}'")

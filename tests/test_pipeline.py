@@ -29,8 +29,12 @@ def scratch_repo(tmp_path, migrated_db):
     shutil.copy(SMOKE_PARAMS, repo / "params.yaml")
     shutil.copytree(REPO / "blueglass", repo / "blueglass", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(migrated_db, repo / "mlflow.db")
+    # no MLflow / project settings leak in from the test process (set_tracking_uri / set_registry_uri
+    # export MLFLOW_* variables): the pipeline must find its own DB at the repo root
     env = {
-        k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "BLUEGLASS_ROOT", "DVC_STAGE"}
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MLFLOW_") and k not in {"BLUEGLASS_ROOT", "DVC_STAGE"}
     }
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")

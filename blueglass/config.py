@@ -275,10 +275,10 @@ class ProbeParams(Strict):
     learned_margin: float = Field(
         0.05, ge=0, le=1, description="trained − control needed to call a concept learned"
     )
-    epochs: int = Field(30, gt=0, le=100_000, description="passes over the Lens (Lightning, streamed)")
-    min_steps: int = Field(200, ge=1, description="at least this many steps, whatever the epochs")
+    epochs: int = Field(15, gt=0, le=100_000, description="passes over the Lens (Lightning, streamed)")
+    min_steps: int = Field(100, ge=1, description="at least this many steps, whatever the epochs")
     batch_size: int = Field(4096, gt=0, le=1_000_000)
-    lr: float = Field(0.01, gt=0, le=10)
+    lr: float = Field(0.05, gt=0, le=10)
     seed: int = Field(0, ge=0)
     precision: Precision = "32-true"
     devices: int = Field(1, ge=1, le=64)

@@ -54,7 +54,7 @@ def test_sae_user_errors(project):
     )
     assert (
         proc.returncode == 2
-        and proc.stderr.strip() == "error: sae.runs.nope: no such SAE run (runs: toy-detector-l0-topk)"
+        and proc.stderr.strip() == "error: sae.runs.nope: no such SAE run (runs: toy-detector-l0-topk, toy-detector-ln-topk)"
     )
 
 
@@ -105,16 +105,21 @@ def test_patch_stage_reports_recovered_and_registers_patched_models(project, mon
             root / "models" / "toy-detector", "toy-detector", description="base", metrics={}, headline="AP"
         )
     sae.run(p, root, "toy-detector-l0-topk")
+    sae.run(p, root, "toy-detector-ln-topk")
     probe.run(p, root, "toy-detector")
     out = patch.run(p, root, "toy-detector")
     ivs = out["interventions"]
-    assert set(ivs) == {"sae-topk", "sae-relu", "steer-color", "clamp-latents"}
-    for r in ivs.values():
+    assert set(ivs) == {"sae-topk", "sae-relu", "sae-ln", "steer-color", "clamp-latents"}
+    for n, r in ivs.items():
         assert r["metric_clean"] == pytest.approx(out["clean"]["AP50"])
-        assert r["sites"] == ["vit.layers.0"]
+        assert r["sites"] == (["vit.layernorm"] if n == "sae-ln" else ["vit.layers.0"])
         if r["recovered"] is not None:
             z = r["metric_zero_ablation"]
             assert r["recovered"] == pytest.approx((r["metric_patched"] - z) / (r["metric_clean"] - z))
+    # the SAE reconstructions at both sites at once, against the joint ablations of both sites
+    joint = out["joint"]
+    assert joint["sites"] == ["vit.layernorm", "vit.layers.0"] and joint["metric_patched"] is not None
+    assert set(out["sites"]) == {"vit.layernorm", "vit.layers.0"}
     client = mlflow.MlflowClient()
     v = client.get_model_version("toy-detector+sae-topk@vit.layers.0", ivs["sae-topk"]["registry"]["version"])
     assert v.tags["base"] == "toy-detector/1" and v.tags["sae"] == "toy-detector.vit.layers.0.sae-topk/1"
@@ -142,6 +147,7 @@ def test_patch_stage_reports_recovered_and_registers_patched_models(project, mon
     assert {n for n, _, _ in chosen} == {
         "toy-detector.vit.layers.0.sae-topk",
         "toy-detector.vit.layers.0.sae-relu",
+        "toy-detector.vit.layernorm.sae-topk",
     }
     listing = subprocess.run(
         [sys.executable, "-m", "blueglass.cli", "registry", "list", "--name", ".sae-"],

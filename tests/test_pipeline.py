@@ -58,6 +58,7 @@ def test_dvc_repro_end_to_end(scratch_repo):
         "extract@toy-detector-test-random",
         "probe@toy-detector",
         "sae@toy-detector-l0-topk",
+        "sae@toy-detector-ln-topk",
         "patch@toy-detector",
         "report",
     ):
@@ -129,7 +130,8 @@ def test_dvc_repro_end_to_end(scratch_repo):
     assert (repo / "models" / "saes" / "toy-detector-l0-topk" / "topk" / "cfg.json").is_file()
     # patched evaluations: recovered on the SAE's own version, patched models registered, the report built
     patch = json.loads((repo / "metrics" / "patch_toy-detector.json").read_text())
-    assert set(patch["interventions"]) == {"sae-topk", "sae-relu", "steer-color", "clamp-latents"}
+    assert set(patch["interventions"]) == {"sae-topk", "sae-relu", "sae-ln", "steer-color", "clamp-latents"}
+    assert patch["joint"]["sites"] == ["vit.layernorm", "vit.layers.0"]
     assert float(sae_v.tags["recovered"]) == pytest.approx(
         patch["interventions"]["sae-topk"]["recovered"], rel=1e-5
     )

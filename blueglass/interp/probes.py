@@ -152,10 +152,10 @@ class ProbeResult:
 
 @dataclass
 class ProbeSettings:
-    epochs: int = 30
-    min_steps: int = 200  # small Lenses: at least this many steps, whatever the epochs
+    epochs: int = 15
+    min_steps: int = 100  # small Lenses: at least this many steps, whatever the epochs
     batch_size: int = 4096
-    lr: float = 1e-2
+    lr: float = 0.05
     l2: float = 1e-3
     seed: int = 0
     test_fraction: float = 0.2

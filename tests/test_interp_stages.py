@@ -54,7 +54,8 @@ def test_sae_user_errors(project):
     )
     assert (
         proc.returncode == 2
-        and proc.stderr.strip() == "error: sae.runs.nope: no such SAE run (runs: toy-detector-l0-topk, toy-detector-ln-topk)"
+        and proc.stderr.strip()
+        == "error: sae.runs.nope: no such SAE run (runs: toy-detector-l0-topk, toy-detector-ln-topk)"
     )
 
 

@@ -113,7 +113,11 @@ def trace_hook_points(module: nn.Module, run_forward: Any, batch: int | None = N
     def make_hook(name: str):
         def hook(mod: nn.Module, _inp: Any, out: Any) -> None:
             t = first_tensor(out)
-            if t is not None and name not in seen and (batch is None or (t.ndim >= 2 and t.shape[0] == batch)):
+            if (
+                t is not None
+                and name not in seen
+                and (batch is None or (t.ndim >= 2 and t.shape[0] == batch))
+            ):
                 seen[name] = HookPoint(name, type(mod).__name__, tuple(t.shape[1:]))
 
         return hook

@@ -115,7 +115,8 @@ def run(params: Params, base: Path, name: str, callbacks=()) -> dict[str, Any]:
             )
     shutil.rmtree(ckpt_root, ignore_errors=True)
     rows = ["member,variant,l0,fvu,dead_frac"] + [
-        f"{m},{members[m].variant},{s['l0']:.6f},{s['fvu']:.6f},{s['dead_frac']:.6f}" for m, s in summary.items()
+        f"{m},{members[m].variant},{s['l0']:.6f},{s['fvu']:.6f},{s['dead_frac']:.6f}"
+        for m, s in summary.items()
     ]
     write_text(base / "plots" / f"sae_{name}.csv", "\n".join(rows) + "\n")
     write_json(

@@ -68,14 +68,7 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
 
         def settings(kind: str, point: str) -> ProbeSettings:
             return ProbeSettings(
-                epochs=pp.epochs,
-                min_steps=pp.min_steps,
-                batch_size=pp.batch_size,
-                lr=pp.lr,
-                l2=pp.l2,
-                seed=pp.seed,
-                precision=pp.precision,
-                devices=pp.devices,
+                **pp.model_dump(exclude={"runs", "learned_margin"}),  # the training settings, by name
                 run_id=r.run_id if r is not None else None,
                 log_prefix=f"train/{kind}/{point}",
             )

@@ -73,7 +73,7 @@ def _resolve(params: Params, base: Path, name: str, iv_name: str, iv: Interventi
         spec["point"] = point
         cls = None
         if iv.target_class is not None:
-            cls = _class_id(params, base, probe, iv.target_class, f"{where}.target_class", target)
+            cls = _class_id(base, folder, probe, iv.target_class, f"{where}.target_class", target)
         loaded["direction"] = probe.direction(cls)
         spec["target_class"] = cls
         spec["alpha"] = iv.alpha
@@ -92,18 +92,24 @@ def _resolve(params: Params, base: Path, name: str, iv_name: str, iv: Interventi
     return spec, loaded, uses
 
 
-def _class_id(params, base, probe, value: str, where: str, target: str) -> int:
+def _class_id(base: Path, folder: Path, probe, value: str, where: str, target: str) -> int:
+    """A probe class from its id or its name, named by the probe's own Lens (concept values are indices
+    into the concept's vocabulary; class targets use the dataset's category ids)."""
     if value.lstrip("-").isdigit() and int(value) in probe.classes:
         return int(value)
-    lens_dir = next(iter((base / "lens").glob("*/manifest.json")), None)
-    vocab: list[str] = []
-    if lens_dir is not None:
-        man = json.loads(lens_dir.read_text())
-        vocab = man.get("concepts", {}).get(target) or [c["name"] for c in man.get("categories", [])]
-    if value in vocab and vocab.index(value) in probe.classes:
-        return vocab.index(value)
+    lens = json.loads((folder / "probe.json").read_text()).get("lens")
+    manifest = base / "lens" / str(lens) / "manifest.json"
+    names: dict[str, int] = {}
+    if manifest.is_file():
+        man = json.loads(manifest.read_text())
+        if target in man.get("concepts", {}):
+            names = {v: i for i, v in enumerate(man["concepts"][target])}
+        else:
+            names = {v: int(k) for k, v in man.get("categories", {}).items()}
+    if value in names and names[value] in probe.classes:
+        return names[value]
     raise ConfigError(
-        f"{where}: {value!r} is not a class of this probe (classes: {probe.classes}, names: {vocab})"
+        f"{where}: {value!r} is not a class of this probe (classes: {probe.classes}, names: {sorted(names)})"
     )
 
 
@@ -179,6 +185,12 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
 
     with progress() as bar:
         clean = evaluate_with([], "clean", bar)
+        metric = spec.metric  # checked on the clean run, before the other evaluations
+        if _metric(clean, metric) is None:
+            raise ConfigError(
+                f"patch.runs.{name}.metric: '{metric}' is not a metric of this task "
+                f"(metrics: {', '.join(k for k, v in clean.items() if isinstance(v, float))})"
+            )
         site_results = {
             p: {
                 "zero_ablation": evaluate_with(ablations([p], "zero"), f"zero@{p}", bar),
@@ -200,13 +212,6 @@ def run(params: Params, base: Path, name: str) -> dict[str, Any]:
                 "zero": evaluate_with(ablations(joint_sites, "zero"), "joint zero", bar),
                 "mean": evaluate_with(ablations(joint_sites, "mean"), "joint mean", bar),
             }
-
-    metric = spec.metric
-    if _metric(clean, metric) is None:
-        raise ConfigError(
-            f"patch.runs.{name}.metric: '{metric}' is not a metric of this task "
-            f"(metrics: {', '.join(k for k, v in clean.items() if isinstance(v, float))})"
-        )
 
     def row(kind: str, points: list[str], m_patched, m_zero, m_mean) -> dict[str, Any]:
         c, p, z, a = (_metric(x, metric) for x in (clean, m_patched, m_zero, m_mean))
